@@ -1,0 +1,34 @@
+"""vbus: a message bus for Python programs on ZeroMQ.
+
+An embedded broker by default, twin sync and asyncio APIs, callbacks on a managed background
+loop, delivery without sleeps, losses counted, and a shutdown that never hangs.
+"""
+
+from ._bus import Bus, BusStats, connect
+from ._endpoints import AddressError
+from ._errors import Closed, ConnectError, DecodeError, EncodeError, TopicError, VbusError
+from ._message import Message
+from ._publisher import AsyncPublisher, Publisher, PublisherStats
+from ._subscriber import AsyncSubscriber, Subscriber, SubscriberStats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AddressError",
+    "AsyncPublisher",
+    "AsyncSubscriber",
+    "Bus",
+    "BusStats",
+    "Closed",
+    "ConnectError",
+    "DecodeError",
+    "EncodeError",
+    "Message",
+    "Publisher",
+    "PublisherStats",
+    "Subscriber",
+    "SubscriberStats",
+    "TopicError",
+    "VbusError",
+    "connect",
+]

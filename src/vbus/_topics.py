@@ -1,0 +1,138 @@
+"""Topic and pattern rules, sans-io.
+
+Topics are ``/``-separated levels of letters, digits and ``_ - . :``. Patterns may use ``*``
+(exactly one level) and ``**`` (zero or more levels) as whole levels. Topics whose first level
+starts with ``$`` belong to the bus itself; wildcards in the first level never match them.
+
+On the wire every message starts with ``topic + b"\\0"``; ZeroMQ's byte-prefix subscription is
+narrowed to the exact vbus semantics here: an exact topic subscribes ``topic\\0`` (so ``camera``
+never sees ``camera2``), a pattern subscribes its literal head and is matched exactly in Python.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ._errors import TopicError
+
+TERMINATOR = b"\0"
+RESERVED_PREFIX = "$"
+MAX_TOPIC_LENGTH = 1024
+
+_LEVEL = re.compile(r"[A-Za-z0-9_\-.:]+")
+_BAD_CHAR = re.compile(r"[^A-Za-z0-9_\-.:]")
+
+
+def _check_level(kind: str, whole: str, level: str, index: int, first: bool) -> None:
+    if not level:
+        raise TopicError(f"{kind} {whole!r}: empty level at position {index + 1}")
+    body = level[1:] if first and level.startswith(RESERVED_PREFIX) else level
+    if not body:
+        raise TopicError(f"{kind} {whole!r}: level {level!r} has nothing after '$'")
+    if _LEVEL.fullmatch(body) is None:
+        bad = _BAD_CHAR.search(body)
+        char = bad.group() if bad else "?"
+        raise TopicError(
+            f"{kind} {whole!r}: level {level!r} contains {char!r}; "
+            "allowed are letters, digits and _ - . :"
+        )
+
+
+def _split(kind: str, value: object) -> list[str]:
+    if not isinstance(value, str):
+        raise TopicError(f"{kind} must be a str, not {type(value).__name__}")
+    if not value:
+        raise TopicError(f"{kind} is empty")
+    if len(value) > MAX_TOPIC_LENGTH:
+        raise TopicError(f"{kind} {value[:40]!r}... is longer than {MAX_TOPIC_LENGTH} characters")
+    if value.startswith("/") or value.endswith("/"):
+        raise TopicError(f"{kind} {value!r}: leading or trailing '/'")
+    return value.split("/")
+
+
+def validate_topic(topic: str, *, allow_reserved: bool = False) -> str:
+    """Return ``topic`` if it is a valid concrete topic, else raise TopicError."""
+    levels = _split("topic", topic)
+    for i, level in enumerate(levels):
+        if "*" in level:
+            raise TopicError(f"topic {topic!r}: wildcard {level!r} is only allowed in patterns")
+        _check_level("topic", topic, level, i, first=i == 0)
+    if topic.startswith(RESERVED_PREFIX) and not allow_reserved:
+        raise TopicError(f"topic {topic!r}: topics starting with '$' are reserved for the bus")
+    return topic
+
+
+def topic_prefix(topic: str) -> bytes:
+    """The wire prefix of a concrete topic: its ASCII bytes and the terminator."""
+    return topic.encode("ascii") + TERMINATOR
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """A compiled subscription pattern.
+
+    ``prefixes`` are the ZeroMQ subscriptions that cover the pattern; ``matches`` is None when
+    those prefixes already give the exact semantics, else a predicate on the decoded topic.
+    """
+
+    text: str
+    prefixes: tuple[bytes, ...]
+    matches: Callable[[str], bool] | None
+
+    def match(self, topic: str) -> bool:
+        """Exact vbus semantics, for any topic (used by tests and the broker)."""
+        if self.matches is not None:
+            return self.matches(topic)
+        encoded = topic.encode("ascii") + TERMINATOR
+        return any(encoded.startswith(p) for p in self.prefixes)
+
+
+def compile_pattern(pattern: str) -> Pattern:
+    """Validate ``pattern`` and compile it; raise TopicError naming the bad part."""
+    levels = _split("pattern", pattern)
+    for i, level in enumerate(levels):
+        if level in ("*", "**"):
+            continue
+        if "*" in level:
+            raise TopicError(
+                f"pattern {pattern!r}: {level!r} mixes '*' with text; "
+                "wildcards must be a whole level"
+            )
+        _check_level("pattern", pattern, level, i, first=i == 0)
+
+    wild = [i for i, level in enumerate(levels) if level in ("*", "**")]
+    if not wild:
+        return Pattern(pattern, (topic_prefix(pattern),), None)
+
+    first = wild[0]
+    head = "/".join(levels[:first])
+    if first == 0:
+        # A leading wildcard must not reach the bus's own '$' topics.
+        prefixes: tuple[bytes, ...] = (b"",)
+    else:
+        prefixes = (head.encode("ascii") + b"/",)
+        if levels[first] == "**" and first == len(levels) - 1:
+            # 'a/**' also matches 'a' itself (zero levels).
+            prefixes = (topic_prefix(head), *prefixes)
+            return Pattern(pattern, prefixes, None)
+
+    regex = re.compile("".join(_level_regex(level) for level in levels))
+    reserved_ok = first > 0 or pattern.startswith(RESERVED_PREFIX)
+
+    def matches(topic: str) -> bool:
+        if not reserved_ok and topic.startswith(RESERVED_PREFIX):
+            return False
+        return regex.fullmatch("/" + topic) is not None
+
+    return Pattern(pattern, prefixes, matches)
+
+
+def _level_regex(level: str) -> str:
+    # Each level is matched together with the '/' before it; the topic gets a leading '/'.
+    if level == "**":
+        return r"(?:/[^/]+)*"
+    if level == "*":
+        return r"/[^/]+"
+    return "/" + re.escape(level)

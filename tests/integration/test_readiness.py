@@ -1,0 +1,131 @@
+"""Readiness: a message published after publisher() and subscribe() return is delivered."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import textwrap
+import threading
+
+import pytest
+
+import vbus
+from tests.conftest import LeakCheck
+
+
+def test_subscribe_then_publish_at_once_delivers_1000_of_1000(any_bus: vbus.Bus) -> None:
+    delivered = 0
+    for i in range(1000):
+        sub = any_bus.subscribe(f"trial/{i}")
+        pub = any_bus.publisher()
+        pub.publish(f"trial/{i}", i)
+        if sub.recv(timeout=2.0).data == i:
+            delivered += 1
+        sub.close()
+        pub.close()
+    assert delivered == 1000
+
+
+def test_async_subscribe_and_on_are_ready_when_they_return(any_bus: vbus.Bus) -> None:
+    got = threading.Event()
+    any_bus.on("cb/ready", lambda msg: got.set())
+
+    async def main() -> int:
+        asub = any_bus.async_subscribe("a/ready")
+        apub = any_bus.async_publisher()
+        await apub.publish("a/ready", 7)
+        await apub.publish("cb/ready", 8)
+        msg = await asub.recv(timeout=2.0)
+        asub.close()
+        apub.close()
+        return int(msg.data)
+
+    assert asyncio.run(main()) == 7
+    assert got.wait(2.0)
+
+
+def test_connect_to_nothing_raises_connect_error_naming_the_address(leakcheck: LeakCheck) -> None:
+    with pytest.raises(vbus.ConnectError, match="tcp://127.0.0.1:9"):
+        vbus.connect("tcp://127.0.0.1:9", timeout=0.2)
+    with pytest.raises(vbus.ConnectError, match="inproc://nobody"):
+        vbus.connect("inproc://nobody", timeout=0.2)
+
+
+@pytest.mark.parametrize(
+    ("bad", "named"),
+    [("tcp://127.0.0.1", "'tcp://127.0.0.1'"), ("http://x:1", "'http://x:1'"),
+     ("tcp://h:99999", "'tcp://h:99999'"), ("ipc://", "empty path"), (5, "not int")],
+)
+def test_bad_addresses_are_named(leakcheck: LeakCheck, bad: object, named: str) -> None:
+    with pytest.raises(vbus.AddressError, match=named):
+        vbus.connect(bad, timeout=0.2)  # type: ignore[arg-type]
+
+
+def test_bind_conflict_is_a_clear_error(leakcheck: LeakCheck) -> None:
+    with vbus.Bus(bind="tcp://127.0.0.1:0") as first:
+        with pytest.raises(vbus.AddressError, match="cannot bind"):
+            vbus.Bus(bind=first.address)
+
+
+def test_connect_in_process_shares_the_broker(leakcheck: LeakCheck) -> None:
+    owner = vbus.Bus()
+    client = vbus.connect(owner.address)
+    sub = owner.subscribe("x")
+    client.publisher().publish("x", "from client")
+    assert sub.recv(timeout=2.0).data == "from client"
+    owner.close()  # closes its in-process clients first
+    assert client.closed
+
+
+def _child(code: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+@pytest.mark.parametrize("transport", ["tcp", "ipc"])
+def test_publisher_in_another_process(leakcheck: LeakCheck, transport: str,
+                                      tmp_path: object) -> None:
+    bind = "tcp://127.0.0.1:0" if transport == "tcp" else f"ipc://{tmp_path}/bus"
+    with vbus.Bus(bind=bind) as bus:
+        sub = bus.subscribe("remote/**")
+        child = _child(
+            f"""
+            import vbus
+            with vbus.connect({bus.address!r}) as bus:
+                pub = bus.publisher()
+                for i in range(100):
+                    pub.publish("remote/n", i)
+            """
+        )
+        try:
+            got = [sub.recv(timeout=10.0).data for _ in range(100)]
+            assert child.wait(10.0) == 0, child.stderr.read() if child.stderr else ""
+        finally:
+            child.kill()
+            child.communicate()
+        assert got == list(range(100))
+
+
+def test_subscriber_in_another_process(leakcheck: LeakCheck) -> None:
+    with vbus.Bus(bind="tcp://127.0.0.1:0") as bus:
+        child = _child(
+            f"""
+            import vbus
+            with vbus.connect({bus.address!r}) as bus:
+                sub = bus.subscribe("to/child")
+                print("ready", flush=True)
+                print(sub.recv(timeout=10.0).data, flush=True)
+            """
+        )
+        try:
+            assert child.stdout is not None
+            assert child.stdout.readline().strip() == "ready"
+            bus.publisher().publish("to/child", "hello")  # no sleep: ready means ready
+            out, err = child.communicate(timeout=10.0)
+        finally:
+            child.kill()
+            child.communicate()
+        assert out.strip() == "hello", err
