@@ -172,11 +172,13 @@ class Broker:
                 return
             if event.startswith(READY_SUBSCRIBE) and event.endswith(b"\0"):
                 token = event[1:-1]
-                self._subscribers.add(token)
+                if not token.isascii():
+                    continue  # not one of ours
                 try:
                     sock.send(ready_frame(token.decode("ascii"), self._sender), zmq.NOBLOCK)
-                except (zmq.Again, UnicodeDecodeError):
-                    pass  # the subscriber times out and says so; nothing else to do here
+                except zmq.Again:
+                    log.warning("broker %s: could not confirm subscription %r", self.id, token)
+                self._subscribers.add(token)
             elif event.startswith(READY_UNSUBSCRIBE):
                 self._subscribers.discard(event[1:-1])
 
@@ -203,7 +205,7 @@ def _bind_pair(front: zmq.Socket[bytes], back: zmq.Socket[bytes], ep: Endpoints)
         try:
             back.bind(ep.subscribe)
         except zmq.ZMQError:
-            front.unbind(front.last_endpoint)
+            front.unbind(_last_endpoint(front))
             raise
         return ep
     except zmq.ZMQError as exc:
@@ -220,7 +222,12 @@ def _bind_free_tcp_pair(front: zmq.Socket[bytes], back: zmq.Socket[bytes],
         try:
             back.bind(f"{base}:{port + 1}")
         except zmq.ZMQError:
-            front.unbind(front.last_endpoint)
+            front.unbind(_last_endpoint(front))
             continue
         return tcp_with_port(ep.address, port)
     raise zmq.ZMQError(zmq.EADDRINUSE, "no two consecutive free ports found")
+
+
+def _last_endpoint(sock: zmq.Socket[bytes]) -> str:
+    endpoint = sock.last_endpoint
+    return endpoint.decode() if isinstance(endpoint, bytes) else str(endpoint)

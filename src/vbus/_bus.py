@@ -18,7 +18,7 @@ import msgspec
 import zmq
 
 from ._broker import Broker
-from ._endpoints import AddressError, Endpoints, parse_address
+from ._endpoints import AddressError, parse_address
 from ._errors import Closed, ConnectError
 from ._loop import BackgroundLoop
 from ._message import Message
@@ -105,7 +105,9 @@ class Bus:
             connect_publisher(context, endpoints.publish, timeout, hwm).close(0)
         except ConnectError:
             self._terminate_context(Deadline(1.0))
-            raise ConnectError(f"no vbus broker answered at {address} within {timeout:g} s") from None
+            raise ConnectError(
+                f"no vbus broker answered at {address} within {timeout:g} s"
+            ) from None
         if owner is not None:
             owner._inproc_clients.add(self)
         _register(self)
@@ -159,11 +161,13 @@ class Bus:
     # -- publishing -------------------------------------------------------------------------
     def publisher(self) -> Publisher:
         """A thread-safe publisher, returned once the broker accepts its messages."""
-        return self._publisher(Publisher)
+        pub: Publisher = self._publisher(Publisher)
+        return pub
 
     def async_publisher(self) -> AsyncPublisher:
         """An asyncio publisher, returned once the broker accepts its messages."""
-        return self._publisher(AsyncPublisher)
+        pub: AsyncPublisher = self._publisher(AsyncPublisher)
+        return pub
 
     def _publisher(self, cls: type[Publisher]) -> Any:
         self._check_open()

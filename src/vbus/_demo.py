@@ -47,7 +47,7 @@ def _instrument(bus: Bus, stop: threading.Event, rate: float, fps: float, size: 
 def _drain(sub: Subscriber, counts: dict[str, int]) -> None:
     for msg in sub:
         counts["stage"] += 1
-        counts["last_x"] = msg.data  # type: ignore[assignment]
+        counts["last_x"] = msg.data
 
 
 def run_demo(*, duration: float | None, rate: float, fps: float, size: int) -> int:
@@ -78,9 +78,11 @@ def run_demo(*, duration: float | None, rate: float, fps: float, size: int) -> i
                 now = time.monotonic()
                 dt, last = now - last, now
                 stats = bus.stats()
+                stage_rate = (counts["stage"] - seen["stage"]) / dt
+                fps = (counts["frames"] - seen["frames"]) / dt
                 print(
-                    f"{now - began:6.1f} s  stage {(counts['stage'] - seen['stage']) / dt:9.0f} msg/s"
-                    f"  x={counts['last_x']:+7.3f}  camera {(counts['frames'] - seen['frames']) / dt:5.1f}"
+                    f"{now - began:6.1f} s  stage {stage_rate:9.0f} msg/s"
+                    f"  x={counts['last_x']:+7.3f}  camera {fps:5.1f}"
                     f" fps {counts['shape']}  broker {stats.messages_in} in / "
                     f"{stats.messages_out} out  dropped {stats.dropped}",
                     file=out,

@@ -96,18 +96,29 @@ class Publisher:
             frame, external = _wire.build_frames(
                 prefix, flags, self._sender, seq, time.time(), payload
             )
-            sock = self._sock
-            try:
-                if external is None:
-                    sock.send(frame, zmq.NOBLOCK)
-                else:
-                    sock.send(frame, zmq.NOBLOCK | zmq.SNDMORE)
-                    sock.send(external, zmq.NOBLOCK, copy=False)
-                self._published += 1
-            except zmq.Again:
-                self._dropped += 1
-            if (self._published + self._dropped) % _DRAIN_EVERY == 0:
-                self._drain()
+            self._send(frame, external)
+
+    def _publish_frames(self, frame: bytes, external: Any = None) -> None:
+        """Send a message that is already framed (replay keeps its original header)."""
+        with self._lock:
+            if self._closed:
+                raise Closed("publisher is closed")
+            self._send(frame, external)
+
+    def _send(self, frame: bytes, external: Any) -> None:
+        # Caller holds self._lock.
+        sock = self._sock
+        try:
+            if external is None:
+                sock.send(frame, zmq.NOBLOCK)
+            else:
+                sock.send(frame, zmq.NOBLOCK | zmq.SNDMORE)
+                sock.send(external, zmq.NOBLOCK, copy=False)
+            self._published += 1
+        except zmq.Again:
+            self._dropped += 1
+        if (self._published + self._dropped) % _DRAIN_EVERY == 0:
+            self._drain()
 
     def _learn(self, topic: str) -> bytes:
         validate_topic(topic)

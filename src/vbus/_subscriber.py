@@ -140,6 +140,7 @@ class Subscriber:
         self._state = _State.OPEN
         self._receiver: int | None = None  # ident of the thread inside recv()
         self._closed_event = threading.Event()
+        self._last_raw: Raw | None = None
         self._waker = Waker()
         self._poller = zmq.Poller()
         self._poller.register(sock, zmq.POLLIN)
@@ -185,6 +186,7 @@ class Subscriber:
                     return None
             msg = self._decode(*raw)
             if msg is not None:
+                self._last_raw = raw
                 return msg
 
     def _decode(self, first: bytes, rest: list[zmq.Frame]) -> Message | None:
@@ -252,6 +254,13 @@ class Subscriber:
                 self._wait(deadline)
         finally:
             self._release()
+
+    def _recv_frames(self, timeout: float | None = None) -> tuple[Message, bytes, bytes | None]:
+        """Like recv(), plus the message's raw first frame and external frame (recording)."""
+        msg = self.recv(timeout)
+        assert self._last_raw is not None
+        first, rest = self._last_raw
+        return msg, first, rest[0].bytes if rest else None
 
     def _wait(self, deadline: Deadline) -> None:
         remaining = deadline.remaining()
@@ -359,7 +368,7 @@ class AsyncSubscriber(Subscriber):
         timer = loop.call_later(remaining, wake) if remaining is not None else None
         try:
             # ZeroMQ's FD is edge-triggered: look at EVENTS after arming, or miss a message.
-            if not self._sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            if not int(self._sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
                 await woken
         finally:
             if timer is not None:

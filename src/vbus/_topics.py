@@ -82,7 +82,7 @@ class Pattern:
     matches: Callable[[str], bool] | None
 
     def match(self, topic: str) -> bool:
-        """Exact vbus semantics, for any topic (used by tests and the broker)."""
+        """Exact vbus semantics, for any valid topic."""
         if self.matches is not None:
             return self.matches(topic)
         encoded = topic.encode("ascii") + TERMINATOR

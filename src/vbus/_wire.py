@@ -7,8 +7,9 @@ A message is one ZeroMQ message of one or two frames::
 
 The topic comes first so ZeroMQ's prefix filtering works on it; the terminator makes the
 filter exact. Small payloads ride inline in the single frame (one frame is about 4x faster
-than two for 64-byte messages); bytes and numpy payloads of EXTERNAL_THRESHOLD bytes or more
-travel as a frame of their own, sent and received without copies.
+than two for 64-byte messages). Bytes payloads of EXTERNAL_THRESHOLD bytes or more, and the
+data of every numpy array (its dtype and shape stay inline), travel as a frame of their own,
+sent and received without copies.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ KIND_NDARRAY = 2
 KINDS = (KIND_MSGPACK, KIND_BYTES, KIND_NDARRAY)
 
 EXTERNAL_THRESHOLD = 64 * 1024
-"""Bytes and arrays this large or larger travel in a frame of their own, without copies."""
+"""Bytes payloads this large or larger travel in a frame of their own, without copies."""
 
 _BYTES_TYPES = (bytes, bytearray, memoryview)
 
@@ -136,7 +137,10 @@ def parse_envelope(frame: bytes) -> Envelope:
 
 
 def decode_payload(
-    kind: int, inline: memoryview, external: memoryview | None, decoder: msgspec.msgpack.Decoder
+    kind: int,
+    inline: memoryview,
+    external: memoryview | None,
+    decoder: msgspec.msgpack.Decoder[Any],
 ) -> Any:
     """Decode a payload. ``decoder`` decodes (and validates) msgpack payloads."""
     if external is not None:

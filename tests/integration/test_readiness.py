@@ -9,9 +9,9 @@ import textwrap
 import threading
 
 import pytest
+from tests.conftest import LeakCheck
 
 import vbus
-from tests.conftest import LeakCheck
 
 
 def test_subscribe_then_publish_at_once_delivers_1000_of_1000(any_bus: vbus.Bus) -> None:
@@ -129,3 +129,48 @@ def test_subscriber_in_another_process(leakcheck: LeakCheck) -> None:
             child.kill()
             child.communicate()
         assert out.strip() == "hello", err
+
+
+def test_port_zero_skips_ports_whose_twin_is_taken(
+    leakcheck: LeakCheck, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Port 0 needs two consecutive free ports; a pick whose twin is taken is retried."""
+    import socket
+
+    import zmq
+
+    blocker = socket.socket()
+    for _ in range(100):
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+        probe.close()
+        try:
+            blocker.bind(("127.0.0.1", port + 1))
+            break
+        except OSError:
+            continue
+    blocker.listen()
+    original = zmq.Socket.bind_to_random_port
+    picks: list[int] = []
+
+    def first_pick_collides(self: zmq.Socket, addr: str, *args: object, **kw: object) -> int:
+        if not picks:
+            self.bind(f"{addr}:{port}")
+            picks.append(port)
+            return port
+        picked = original(self, addr, *args, **kw)  # type: ignore[arg-type]
+        picks.append(picked)
+        return picked
+
+    monkeypatch.setattr(zmq.Socket, "bind_to_random_port", first_pick_collides)
+    try:
+        with vbus.Bus(bind="tcp://127.0.0.1:0") as bus:
+            assert picks[0] == port and len(picks) == 2
+            assert bus.address == f"tcp://127.0.0.1:{picks[1]}"
+            with vbus.connect(bus.address) as client:
+                sub = bus.subscribe("t")
+                client.publisher().publish("t", 1)
+                assert sub.recv(timeout=2.0).data == 1
+    finally:
+        blocker.close()
