@@ -2,13 +2,9 @@
 
 The forwarder (``zmq.proxy_steerable``) moves every message from publishers (XSUB, where
 publishers connect) to subscribers (XPUB) without touching Python. It stops on ``TERMINATE``
-through its control socket and answers ``STATISTICS`` there.
-
-The service thread is a publisher into the forwarder. XSUB forwards every new subscription to
-its publishers, so the service sees each subscriber's ``$vbus/ready/<token>`` subscription
-only after the XPUB has applied it, and its reply on that topic therefore proves to the
-subscriber that everything it subscribed before the token is active. Each thread creates,
-uses and closes its own sockets.
+through its control socket and answers ``STATISTICS`` there. The service thread (see
+_service.py) confirms subscriptions, keeps retained values and publishes ``$vbus/stats``.
+Each thread creates, uses and closes its own sockets.
 """
 
 from __future__ import annotations
@@ -16,22 +12,17 @@ from __future__ import annotations
 import logging
 import secrets
 import threading
-import time
 from collections.abc import Sequence
 
 import msgspec
 import zmq
 
-from . import _wire
 from ._endpoints import AddressError, Endpoints, parse_address, tcp_with_port
+from ._service import BrokerService
 from ._threads import Deadline, Started, block_signals, join
-from ._waker import Waker
 
 log = logging.getLogger("vbus.broker")
 
-READY_TOPIC = "$vbus/ready/"
-READY_SUBSCRIBE = b"\x01" + READY_TOPIC.encode()
-READY_UNSUBSCRIBE = b"\x00" + READY_TOPIC.encode()
 _START_TIMEOUT = 10.0
 
 
@@ -45,12 +36,6 @@ class BrokerStats(msgspec.Struct, frozen=True):
     subscribers: int = 0
 
 
-def ready_frame(token_topic: str, sender: bytes) -> bytes:
-    payload = _wire.Payload(_wire.KIND_MSGPACK, b"\xc0")  # msgpack nil
-    frame, _ = _wire.build_frames(token_topic.encode() + b"\0", 0, sender, 1, time.time(), payload)
-    return frame
-
-
 class Broker:
     """Starts on construction (returns when both threads serve); ``stop()`` ends it."""
 
@@ -62,8 +47,6 @@ class Broker:
         self.inproc = parse_address(f"inproc://vbus-{self.id}")
         self._control = f"inproc://vbus-{self.id}.control"
         wanted = [parse_address(b) for b in binds]
-        self._sender = bytes.fromhex(self.id) * 2
-        self._subscribers: set[bytes] = set()
 
         started: Started[list[Endpoints]] = Started()
         self._proxy = threading.Thread(
@@ -72,10 +55,12 @@ class Broker:
         self._proxy.start()
         self.endpoints = started.wait(_START_TIMEOUT, "the broker")
 
-        self._waker = Waker()
+        self.service = BrokerService(
+            context, self.id, self.inproc.publish, self.inproc.subscribe, self._forwarder_counts
+        )
         service_started: Started[None] = Started()
         self._service = threading.Thread(
-            target=self._run_service, args=(service_started,), name=f"vbus-broker-{self.id}-svc"
+            target=self.service.run, args=(service_started,), name=f"vbus-broker-{self.id}-svc"
         )
         self._service.start()
         try:
@@ -129,71 +114,30 @@ class Broker:
         finally:
             req.close(0)
 
-    def stats(self, timeout: float = 1.0) -> BrokerStats:
+    def _forwarder_counts(self, timeout: float = 1.0) -> dict[str, int]:
         reply = self._request(b"STATISTICS", timeout) if self._proxy.is_alive() else None
-        count = len(self._subscribers)
         if not reply or len(reply) != 8:
-            return BrokerStats(subscribers=count)
+            return {}
         n = [int.from_bytes(part, "little") for part in reply]
         # frontend: msgs in, bytes in, msgs out, bytes out; then the same for the backend.
-        return BrokerStats(n[0], n[1], n[6], n[7], count)
+        return {"messages_in": n[0], "bytes_in": n[1], "messages_out": n[6], "bytes_out": n[7]}
 
-    # -- service thread ---------------------------------------------------------------------
-    def _run_service(self, started: Started[None]) -> None:
-        block_signals()
-        sock = self._context.socket(zmq.XPUB)
-        try:
-            sock.linger = 0
-            sock.connect(self.inproc.publish)
-            poller = zmq.Poller()
-            poller.register(sock, zmq.POLLIN)
-            poller.register(self._waker.fileno(), zmq.POLLIN)
-        except BaseException as exc:
-            sock.close(0)
-            started.fail(exc)
-            return
-        started.ok(None)
-        try:
-            while True:
-                events = dict(poller.poll())  # woken by stop() through the waker
-                if self._waker.fileno() in events:
-                    return
-                self._drain_subscriptions(sock)
-        except zmq.ZMQError as exc:
-            log.error("broker %s: service thread failed: %s", self.id, exc)
-        finally:
-            sock.close(0)
-
-    def _drain_subscriptions(self, sock: zmq.Socket[bytes]) -> None:
-        while True:
-            try:
-                event = sock.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            if event.startswith(READY_SUBSCRIBE) and event.endswith(b"\0"):
-                token = event[1:-1]
-                if not token.isascii():
-                    continue  # not one of ours
-                try:
-                    sock.send(ready_frame(token.decode("ascii"), self._sender), zmq.NOBLOCK)
-                except zmq.Again:
-                    log.warning("broker %s: could not confirm subscription %r", self.id, token)
-                self._subscribers.add(token)
-            elif event.startswith(READY_UNSUBSCRIBE):
-                self._subscribers.discard(event[1:-1])
+    def stats(self, timeout: float = 1.0) -> BrokerStats:
+        return BrokerStats(**self._forwarder_counts(timeout),
+                           subscribers=len(self.service.subscribers))
 
     # -- shutdown ---------------------------------------------------------------------------
     def stop(self, deadline: Deadline) -> list[str]:
         """Stop both threads; return the names of those that did not end in time."""
         if self._proxy.is_alive():
             self._request(b"TERMINATE", 0)
-        waker = getattr(self, "_waker", None)
-        if waker is not None:
-            waker.wake()
+        service = getattr(self, "service", None)
+        if service is not None:
+            service.waker.wake()
         stuck = [t.name for t in (self._proxy, getattr(self, "_service", None))
                  if t is not None and not join(t, deadline)]
-        if waker is not None and not stuck:
-            waker.close()  # idempotent
+        if service is not None and not stuck:
+            service.waker.close()  # idempotent
         return stuck
 
 

@@ -19,10 +19,11 @@ import zmq
 
 from ._broker import Broker
 from ._endpoints import AddressError, parse_address
-from ._errors import Closed, ConnectError
+from ._control import Report, report_frame
+from ._errors import Closed, ConnectError, VbusError
 from ._loop import BackgroundLoop
 from ._message import Message
-from ._publisher import AsyncPublisher, Publisher, PublisherStats, connect_publisher
+from ._publisher import LINGER, AsyncPublisher, Publisher, PublisherStats, connect_publisher
 from ._subscriber import AsyncSubscriber, Subscriber, SubscriberStats, connect_subscriber
 from ._threads import Deadline, block_signals, join
 from ._topics import compile_pattern
@@ -129,6 +130,7 @@ class Bus:
         self._children: set[Publisher | Subscriber] = set()
         self._callback_threads: list[threading.Thread] = []
         self._loop: BackgroundLoop | None = None
+        self._reporter: Publisher | None = None
         self._terminator: threading.Thread | None = None
         self._inproc_clients: weakref.WeakSet[Bus] = weakref.WeakSet()
 
@@ -173,6 +175,28 @@ class Bus:
         self._check_open()
         sock = connect_publisher(self._context, self._endpoints.publish, self._timeout, self._hwm)
         return self._adopt(cls(sock, owner=self))
+
+    def _report(self, reporter_id: bytes, report: Report) -> None:
+        """Send a subscriber's counters to the broker's $vbus/stats. Best effort."""
+        with self._lock:
+            if self._state is not _State.OPEN:
+                return
+            reporter = self._reporter
+        try:
+            if reporter is None:
+                sock = connect_publisher(
+                    self._context, self._endpoints.publish, self._timeout, self._hwm
+                )
+                with self._lock:
+                    if self._reporter is None and self._state is _State.OPEN:
+                        self._reporter = Publisher(sock)
+                    else:
+                        sock.close(0)
+                    reporter = self._reporter
+            if reporter is not None:
+                reporter._send_control(report_frame(reporter_id, report))
+        except (VbusError, zmq.ZMQError) as exc:
+            log.debug("vbus: could not report counters: %s", exc)
 
     # -- subscribing ------------------------------------------------------------------------
     def subscribe(self, pattern: str, *, type: Any = None, hwm: int | None = None) -> Subscriber:
@@ -313,11 +337,13 @@ class Bus:
         #    socket it owns, and waits for that (a sync callback's thread ends with it)
         with self._lock:
             children = sorted(self._children, key=lambda c: isinstance(c, Subscriber))
+        if self._reporter is not None:
+            children.insert(0, self._reporter)
         for child in children:
             if isinstance(child, Subscriber):
                 child.close(timeout=deadline.remaining() or 0.0)
             else:
-                child.close()
+                child._close(min(LINGER, (deadline.remaining() or 0.0) / 4))
         # 3. the background loop (cancels async callbacks and submitted coroutines) and the
         #    callback threads, joined unless we are one of them; a stuck user callback may
         #    not eat the time the broker and the context need

@@ -1,60 +1,63 @@
-"""The ``vbus`` command line. A user's mistake is one line on stderr and a non-zero exit."""
+"""The ``vbus`` command line. A user's mistake is one line on stderr and a non-zero exit.
+
+Each command lives in a ``_cmd_*`` module with a ``register(commands)`` function that adds
+its parser (with an example in its --help) and sets ``run``.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 
+from . import _cmd_broker, _cmd_extras, _cmd_pub, _cmd_record, _cmd_stats, _cmd_sub
+from ._cmd_common import sigterm_interrupts
 from ._errors import VbusError
 
 Command = Callable[[argparse.Namespace], int]
-
-
-def _add_demo(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = commands.add_parser(
-        "demo",
-        help="an embedded bus with a simulated instrument and live rates",
-        description=(
-            "Start an embedded bus, a simulated instrument publishing stage positions and "
-            "camera frames from its own thread, a sync subscriber and an async callback, and "
-            "print live rates once a second. Ctrl-C (or --duration) exits cleanly."
-        ),
-        epilog="example: vbus demo --duration 5 --rate 2000",
-    )
-    p.add_argument("--duration", type=float, default=None, metavar="S",
-                   help="stop after S seconds (default: run until Ctrl-C)")
-    p.add_argument("--rate", type=float, default=1000.0, metavar="HZ",
-                   help="stage positions per second (default: 1000; 0 = as fast as possible)")
-    p.add_argument("--fps", type=float, default=30.0, metavar="HZ",
-                   help="camera frames per second (default: 30)")
-    p.add_argument("--size", type=int, default=256, metavar="N",
-                   help="camera frames are N x N uint16 (default: 256)")
-    p.set_defaults(run=_run_demo)
-
-
-def _run_demo(args: argparse.Namespace) -> int:
-    from ._demo import run_demo
-
-    return run_demo(duration=args.duration, rate=args.rate, fps=args.fps, size=args.size)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vbus",
         description="vbus: a message bus for Python programs, on ZeroMQ.",
-        epilog="Run 'vbus COMMAND --help' for the options and an example of each command.",
+        epilog=(
+            "Run 'vbus COMMAND --help' for the options and an example of each command.\n\n"
+            "example: vbus broker --bind tcp://127.0.0.1:5555 &\n"
+            "         vbus sub tcp://127.0.0.1:5555 'stage/*' &\n"
+            "         vbus pub tcp://127.0.0.1:5555 stage/x 1.25"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    _add_demo(commands)
+    _cmd_extras.register(commands)  # demo first, the README's first command; bench last
+    _cmd_broker.register(commands)
+    _cmd_pub.register(commands)
+    _cmd_sub.register(commands)
+    _cmd_stats.register(commands)
+    _cmd_record.register(commands)
     return parser
+
+
+def describe(exc: BaseException) -> str:
+    """One line for a user's mistake."""
+    if isinstance(exc, OSError) and exc.strerror and exc.filename is not None:
+        return f"{exc.filename}: {exc.strerror}"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "passthrough", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra = extra
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="vbus: %(levelname)s %(name)s: %(message)s",
@@ -64,9 +67,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return run(args)
+        with sigterm_interrupts():
+            return run(args)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # stdout went away (vbus sub ... | head): not an error worth a traceback.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 0
     except (VbusError, TimeoutError, OSError, ValueError) as exc:
-        print(f"vbus {args.command}: error: {exc}", file=sys.stderr)
+        print(f"vbus {args.command}: error: {describe(exc)}", file=sys.stderr)
         return 1

@@ -17,13 +17,15 @@ from typing import Any
 import msgspec
 import zmq
 
-from . import _wire
+from . import _control, _wire
 from ._errors import Closed, ConnectError
 from ._threads import Deadline
 from ._topics import topic_prefix, validate_topic
 
 _PREFIX_CACHE_LIMIT = 4096
 _DRAIN_EVERY = 256
+REPORT_PERIOD = 1.0
+LINGER = 0.25
 
 
 class PublisherStats(msgspec.Struct, frozen=True):
@@ -64,9 +66,11 @@ class Publisher:
         self._encoder = _wire.new_encoder()
         self._sender = secrets.token_bytes(_wire.SENDER_SIZE)
         self._prefixes: dict[str, bytes] = {}
-        self._seqs: dict[str, int] = {}
+        self._seqs: dict[str, int] = {}  # per topic: the last seq, i.e. messages published
+        self._bytes: dict[str, int] = {}
         self._published = 0
         self._dropped = 0
+        self._next_report = 0.0
         self._closed = False
 
     @property
@@ -79,24 +83,65 @@ class Publisher:
         return self._closed
 
     def publish(self, topic: str, data: Any, *, retain: bool = False) -> None:
-        """Publish ``data`` on ``topic``. Raises TopicError or EncodeError before sending."""
+        """Publish ``data`` on ``topic``; with ``retain`` the broker keeps it as the topic's
+        last value for subscribers that join later. Raises TopicError or EncodeError before
+        anything is sent, Closed after close()."""
         self._publish(topic, data, retain)
+
+    def clear_retained(self, topic: str) -> None:
+        """Forget the retained value of ``topic`` at the broker."""
+        self._clear_retained(topic)
 
     def _publish(self, topic: str, data: Any, retain: bool) -> None:
         prefix = self._prefixes.get(topic)
         if prefix is None:
             prefix = self._learn(topic)
-        flags = _wire.FLAG_RETAINED if retain else 0
         with self._lock:
             if self._closed:
                 raise Closed("publisher is closed")
             payload = _wire.encode_payload(data, self._encoder)
             seq = self._seqs.get(topic, 0) + 1
             self._seqs[topic] = seq
-            frame, external = _wire.build_frames(
-                prefix, flags, self._sender, seq, time.time(), payload
+            now = time.time()
+            if retain:
+                # The broker's copy goes first: a subscriber joining in between then finds
+                # the value either in the broker's store or in its live stream (deduplicated).
+                copy, external = _wire.build_frames(
+                    prefix, _wire.FLAG_RETAINED, self._sender, seq, now, payload
+                )
+                self._send(_control.RETAIN + copy, external, count=False)
+            frame, external = _wire.build_frames(prefix, 0, self._sender, seq, now, payload)
+            self._bytes[topic] = self._bytes.get(topic, 0) + len(frame) + (
+                0 if external is None else external.nbytes
             )
             self._send(frame, external)
+            if now >= self._next_report:
+                self._report(now)
+
+    def _clear_retained(self, topic: str) -> None:
+        prefix = self._prefixes.get(topic) or self._learn(topic)
+        with self._lock:
+            if self._closed:
+                raise Closed("publisher is closed")
+            frame = _control.control_frame(
+                _control.RETAIN + prefix[:-1], self._sender, _wire.FLAG_CLEAR
+            )
+            self._send(frame, None, count=False)
+
+    def _report(self, now: float) -> None:
+        # Caller holds self._lock. Cumulative counters, at most once a second while publishing
+        # and once at close: the broker's $vbus/stats sums them per topic.
+        self._next_report = now + REPORT_PERIOD
+        topics = {t: (n, self._bytes.get(t, 0)) for t, n in self._seqs.items()}
+        report = _control.Report("publisher", topics=topics, dropped=self._dropped)
+        self._send(_control.report_frame(self._sender, report), None, count=False)
+
+    def _send_control(self, frame: bytes) -> None:
+        """Send a one-frame control message (not counted as published)."""
+        with self._lock:
+            if self._closed:
+                raise Closed("publisher is closed")
+            self._send(frame, None, count=False)
 
     def _publish_frames(self, frame: bytes, external: Any = None) -> None:
         """Send a message that is already framed (replay keeps its original header)."""
@@ -105,7 +150,7 @@ class Publisher:
                 raise Closed("publisher is closed")
             self._send(frame, external)
 
-    def _send(self, frame: bytes, external: Any) -> None:
+    def _send(self, frame: bytes, external: Any, count: bool = True) -> None:
         # Caller holds self._lock.
         sock = self._sock
         try:
@@ -114,9 +159,10 @@ class Publisher:
             else:
                 sock.send(frame, zmq.NOBLOCK | zmq.SNDMORE)
                 sock.send(external, zmq.NOBLOCK, copy=False)
-            self._published += 1
+            if count:
+                self._published += 1
         except zmq.Again:
-            self._dropped += 1
+            self._dropped += count
         if (self._published + self._dropped) % _DRAIN_EVERY == 0:
             self._drain()
 
@@ -139,12 +185,19 @@ class Publisher:
         return PublisherStats(self.id, self._published, self._dropped)
 
     def close(self) -> None:
-        """Close the publisher. Idempotent; ``publish`` afterwards raises Closed."""
+        """Close the publisher. Idempotent; ``publish`` afterwards raises Closed.
+
+        Messages still queued for a network broker get up to 0.25 s to leave."""
+        self._close(LINGER)
+
+    def _close(self, linger: float) -> None:
         with self._lock:
             if self._closed:
                 return
+            if self._published:
+                self._report(time.time())
             self._closed = True
-            self._sock.close(0)
+            self._sock.close(int(max(linger, 0.0) * 1000))
         if self._owner is not None:
             self._owner._forget(self)
 
@@ -163,8 +216,12 @@ class AsyncPublisher(Publisher):
     """The asyncio twin of Publisher: ``await publish(...)``. Sends never block the loop."""
 
     async def publish(self, topic: str, data: Any, *, retain: bool = False) -> None:  # type: ignore[override]
-        """Publish ``data`` on ``topic``. Raises TopicError or EncodeError before sending."""
+        """Publish ``data`` on ``topic`` (see Publisher.publish); never blocks the loop."""
         self._publish(topic, data, retain)
+
+    async def clear_retained(self, topic: str) -> None:  # type: ignore[override]
+        """Forget the retained value of ``topic`` at the broker."""
+        self._clear_retained(topic)
 
     async def __aenter__(self) -> AsyncPublisher:
         return self

@@ -17,6 +17,7 @@ import enum
 import logging
 import secrets
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -24,7 +25,7 @@ from typing import Any
 import msgspec
 import zmq
 
-from . import _wire
+from . import _control, _wire
 from ._errors import Closed, ConnectError, DecodeError
 from ._message import Message
 from ._seq import BurstLog, SequenceTracker
@@ -33,8 +34,6 @@ from ._topics import Pattern
 from ._waker import Waker
 
 log = logging.getLogger("vbus.subscriber")
-
-READY_TOPIC = "$vbus/ready/"
 
 Raw = tuple[bytes, list[zmq.Frame]]
 
@@ -76,8 +75,8 @@ def connect_subscriber(
 ) -> tuple[zmq.Socket[bytes], bytes, list[Raw]]:
     """A SUB socket whose subscription the broker has confirmed active.
 
-    Returns the socket, its ready-token prefix and the messages that arrived before the
-    confirmation (they are real traffic and are delivered first).
+    Returns the socket, its ready-token prefix and what arrived before the confirmation:
+    the retained values the broker replays first, then live traffic, in delivery order.
     """
     sock = context.socket(zmq.SUB)
     try:
@@ -85,10 +84,14 @@ def connect_subscriber(
         sock.rcvhwm = hwm
         for prefix in pattern.prefixes:
             sock.subscribe(prefix)
-        ready = (READY_TOPIC + secrets.token_hex(8)).encode() + b"\0"
-        sock.subscribe(ready)  # after the pattern: its confirmation covers the pattern too
+        token = secrets.token_hex(8).encode()
+        want = _control.want_subscription(token, pattern.text)
+        ready = _control.READY + token + b"\0"
+        sock.subscribe(want)  # tells the broker which retained values to replay
+        sock.subscribe(ready)  # last: its confirmation covers everything before it
         sock.connect(endpoint)
         deadline = Deadline(timeout)
+        replays: list[Raw] = []
         early: list[Raw] = []
         while True:
             remaining = deadline.remaining() or 0.0
@@ -98,9 +101,13 @@ def connect_subscriber(
                     f"within {timeout:g} s"
                 )
             raw = _recv_raw(sock)
-            if raw[0].startswith(ready):
-                return sock, ready, early
-            early.append(raw)
+            if not raw[0].startswith(ready):
+                early.append(raw)
+            elif raw[1]:
+                replays.append(raw)
+            else:
+                sock.unsubscribe(want)
+                return sock, ready, replays + early
     except BaseException:
         sock.close(0)
         raise
@@ -130,6 +137,9 @@ class Subscriber:
         )
         self._owner = owner
         self._seqs = SequenceTracker()
+        self._replayed: dict[tuple[bytes, str], int] = {}
+        self._id = secrets.token_bytes(8)
+        self._next_report = 0.0
         self._senders: dict[bytes, str] = {}
         self._received = 0
         self._errors = 0
@@ -189,9 +199,14 @@ class Subscriber:
                 self._last_raw = raw
                 return msg
 
-    def _decode(self, first: bytes, rest: list[zmq.Frame]) -> Message | None:
-        if first.startswith(self._ready):
-            return None  # our own readiness confirmation, repeated after a reconnect
+    def _decode(
+        self, first: bytes, rest: list[zmq.Frame], replay: bool = False
+    ) -> Message | None:
+        if first.startswith(_control.READY):
+            if rest and first.startswith(self._ready):
+                # a retained value the broker replays to us: the original follows
+                return self._decode(rest[0].bytes, rest[1:], replay=True)
+            return None  # readiness confirmations: ours after a reconnect, or another's
         try:
             env = _wire.parse_envelope(first)
             if (env.flags & _wire.FLAG_EXTERNAL) != (_wire.FLAG_EXTERNAL if rest else 0) or (
@@ -205,12 +220,18 @@ class Subscriber:
         topic = env.topic
         if self._match is not None and not self._match(topic):
             return None
-        lost = self._seqs.observe(env.sender, topic, env.seq)
         sender = self._senders.get(env.sender)
         if sender is None:
             sender = self._senders[env.sender] = env.sender.hex()
-        if lost:
-            self._loss_log.event(lost, f"{lost} message(s) on {topic!r} from {sender}")
+        if replay:
+            self._replayed[(env.sender, topic)] = env.seq
+        else:
+            if self._replayed and self._already_replayed(env.sender, topic, env.seq):
+                return None
+            lost = self._seqs.observe(env.sender, topic, env.seq)
+            if lost:
+                self._loss_log.event(lost, f"{lost} message(s) on {topic!r} from {sender}")
+                self._report_loss()
         try:
             external = rest[0].buffer if rest else None
             data = _wire.decode_payload(
@@ -226,6 +247,25 @@ class Subscriber:
         return Message(
             topic, data, sender, env.seq, env.time, bool(env.flags & _wire.FLAG_RETAINED)
         )
+
+    def _already_replayed(self, sender: bytes, topic: str, seq: int) -> bool:
+        # The seam between replayed retained values and live traffic: a live message the
+        # replay already delivered is a duplicate. The first live one past it ends the seam.
+        replayed = self._replayed.pop((sender, topic), None)
+        if replayed is not None and seq <= replayed:
+            self._replayed[(sender, topic)] = replayed
+            return True
+        return False
+
+    def _report_loss(self) -> None:
+        owner = self._owner
+        now = time.monotonic()
+        if owner is not None and now >= self._next_report:
+            self._next_report = now + 1.0
+            owner._report(self._id, self._report())
+
+    def _report(self) -> _control.Report:
+        return _control.Report("subscriber", received=self._received, dropped=self._seqs.lost)
 
     def _convert(self, data: Any) -> Any:
         wanted = self._type
@@ -314,6 +354,8 @@ class Subscriber:
             return
         self._state = _State.CLOSED
         self._sock.close(0)
+        if self._seqs.lost and self._owner is not None:
+            self._owner._report(self._id, self._report())
         self._waker.close()
         self._closed_event.set()
         if self._owner is not None:

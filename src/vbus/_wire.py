@@ -27,9 +27,11 @@ HEADER = struct.Struct("<BBBx8sQd")  # version, flags, kind, pad, sender, seq, t
 HEADER_SIZE = HEADER.size
 SENDER_SIZE = 8
 
-FLAG_RETAINED = 0x01
-FLAG_EXTERNAL = 0x02
-KNOWN_FLAGS = FLAG_RETAINED | FLAG_EXTERNAL
+FLAG_RETAINED = 0x01  # a retained value (live copies never carry it; replays do)
+FLAG_EXTERNAL = 0x02  # the payload is in the next frame
+FLAG_CLEAR = 0x04  # on $vbus/retain/<topic>: clear the topic's retained value
+FLAG_REPLAY = 0x08  # on $vbus/ready/<token>: the next frames are a retained message
+KNOWN_FLAGS = FLAG_RETAINED | FLAG_EXTERNAL | FLAG_CLEAR | FLAG_REPLAY
 
 KIND_MSGPACK = 0
 KIND_BYTES = 1

@@ -30,7 +30,9 @@ def ref_match_levels(pattern: list[str], topic: list[str]) -> bool:
         return not topic
     head, rest = pattern[0], pattern[1:]
     if head == "**":
-        return ref_match_levels(rest, topic) or (bool(topic) and ref_match_levels(pattern, topic[1:]))
+        return ref_match_levels(rest, topic) or (
+            bool(topic) and ref_match_levels(pattern, topic[1:])
+        )
     if not topic:
         return False
     if head == "*" or head == topic[0]:
@@ -72,9 +74,7 @@ def topic_levels(draw: st.DrawFn, reserved: bool | None = None) -> list[str]:
 
 @st.composite
 def pattern_levels(draw: st.DrawFn) -> list[str]:
-    parts = draw(
-        st.lists(st.one_of(levels, st.sampled_from(["*", "**"])), min_size=1, max_size=6)
-    )
+    parts = draw(st.lists(st.one_of(levels, st.sampled_from(["*", "**"])), min_size=1, max_size=6))
     if parts[0] not in ("*", "**") and draw(st.booleans()):
         parts[0] = "$" + parts[0]
     return parts
@@ -382,12 +382,32 @@ def test_pattern_is_immutable() -> None:
 # -- matching: properties against the reference ------------------------------------------------
 
 
+def hits_double_star_tail_bug(pattern: str, topic: str) -> bool:
+    """The one case the xfail test below documents: ``head/**/**`` hides ``head`` itself.
+
+    Remove this helper (and its uses) once compile_pattern is fixed.
+    """
+    plevels = pattern.split("/")
+    wild = [i for i, level in enumerate(plevels) if level in ("*", "**")]
+    if not wild or wild[0] == 0:
+        return False
+    tail = plevels[wild[0] :]
+    head = "/".join(plevels[: wild[0]])
+    return len(tail) >= 2 and all(level == "**" for level in tail) and topic == head
+
+
+def prefixes_admit(pattern: Pattern, topic: str) -> bool:
+    wire = topic.encode() + b"\0"
+    return any(wire.startswith(prefix) for prefix in pattern.prefixes)
+
+
 @given(patterns, topics)
 def test_match_agrees_with_reference(pattern: str, topic: str) -> None:
     compiled = compile_pattern(pattern)
     expected = ref_match(pattern, topic)
     assert compiled.match(topic) is expected
-    assert zmq_delivers(compiled, topic) is expected
+    if not hits_double_star_tail_bug(pattern, topic):
+        assert zmq_delivers(compiled, topic) is expected
 
 
 @given(pattern_and_matching_topic())
@@ -396,27 +416,47 @@ def test_instantiated_patterns_match(pair: tuple[str, str]) -> None:
     assert ref_match(pattern, topic)
     compiled = compile_pattern(pattern)
     assert compiled.match(topic)
-    assert zmq_delivers(compiled, topic)
+    if not hits_double_star_tail_bug(pattern, topic):
+        assert zmq_delivers(compiled, topic)
 
 
 @given(pattern_and_matching_topic())
 def test_prefixes_never_hide_a_matching_message(pair: tuple[str, str]) -> None:
     pattern, topic = pair
     compiled = compile_pattern(pattern)
-    wire = topic.encode() + b"\0"
-    assert any(wire.startswith(prefix) for prefix in compiled.prefixes), (
-        pattern,
-        topic,
-        compiled.prefixes,
-    )
+    if not hits_double_star_tail_bug(pattern, topic):
+        assert prefixes_admit(compiled, topic), (pattern, topic, compiled.prefixes)
 
 
 @given(patterns, topics)
 def test_prefixes_are_sound_for_random_pairs(pattern: str, topic: str) -> None:
     compiled = compile_pattern(pattern)
-    if compiled.match(topic):
-        wire = topic.encode() + b"\0"
-        assert any(wire.startswith(prefix) for prefix in compiled.prefixes)
+    if compiled.match(topic) and not hits_double_star_tail_bug(pattern, topic):
+        assert prefixes_admit(compiled, topic), (pattern, topic, compiled.prefixes)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: compile_pattern('a/**/**') subscribes only b'a/' although the pattern "
+    "matches 'a' (every '**' taking zero levels): ZeroMQ's prefix filter hides 'a' "
+    "(only a single trailing '**' gets the extra b'a\\0' prefix)",
+)
+@pytest.mark.parametrize(
+    ("pattern", "topic"),
+    [("a/**/**", "a"), ("a/b/**/**/**", "a/b"), ("$vbus/**/**", "$vbus")],
+)
+def test_prefixes_admit_head_of_consecutive_trailing_double_stars(pattern: str, topic: str) -> None:
+    compiled = compile_pattern(pattern)
+    assert compiled.match(topic)  # passes: the exact predicate is right
+    assert prefixes_admit(compiled, topic)  # fails: the ZeroMQ subscription is not
+
+
+def test_double_star_tail_bug_helper_is_narrow() -> None:
+    assert hits_double_star_tail_bug("a/**/**", "a")
+    assert not hits_double_star_tail_bug("a/**/**", "a/b")
+    assert not hits_double_star_tail_bug("a/**", "a")
+    assert not hits_double_star_tail_bug("**/**", "a")
+    assert not hits_double_star_tail_bug("a/**/*", "a")
 
 
 @given(st.lists(levels, min_size=1, max_size=5), st.lists(levels, min_size=1, max_size=3))
@@ -431,8 +471,8 @@ def test_exact_pattern_never_matches_longer_names(base: list[str], extra: list[s
 @pytest.mark.timeout(5)
 @pytest.mark.xfail(
     strict=True,
-    reason="BUG: compile_pattern builds a backtracking regex; consecutive '**' levels make "
-    "Pattern.match polynomial of high degree (4x '**' on a 512-level topic takes ~100 s)",
+    reason="BUG: compile_pattern builds a backtracking regex, so Pattern.match costs O(n**k) "
+    "for k '**' levels on an n-level topic (4x '**' on a valid 512-level topic: ~100 s)",
 )
 def test_match_time_is_not_exponential_in_double_star_count() -> None:
     compiled = compile_pattern("**/**/**/**/z")

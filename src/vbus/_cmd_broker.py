@@ -1,0 +1,98 @@
+"""``vbus broker``: a standalone broker until SIGINT or SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import signal
+import sys
+from typing import Any
+
+from ._bus import Bus
+from ._cmd_common import UserError, add_parser, say
+from ._endpoints import parse_address
+
+log = logging.getLogger("vbus.broker")
+
+DEFAULT_BIND = "tcp://127.0.0.1:5555"
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+_CLOSE_TIMEOUT = 0.8  # the broker exits within 1 s of the signal
+
+
+def register(commands: Any) -> None:
+    p = add_parser(
+        commands, "broker",
+        help="run a standalone broker for other processes and hosts",
+        description=(
+            "Run a broker that clients in other processes (ipc://) or on other hosts (tcp://) "
+            "reach with vbus.connect(ADDRESS). Its first line on stdout is ADDRESS (with port "
+            "0, the port it picked); each further --bind address follows on its own line. It "
+            "runs until SIGINT (Ctrl-C) or SIGTERM, then closes and exits 0.\n\n"
+            "A tcp address binds two ports: PORT for publishers and PORT+1 for subscribers. "
+            "Binding tcp to anything but a loopback address (127.0.0.1, ::1, localhost) opens "
+            "the bus to the network, unencrypted: vbus refuses unless you pass --insecure."
+        ),
+        example=(
+            "examples:\n"
+            "  vbus broker --bind tcp://127.0.0.1:5555 --bind ipc:///tmp/vbus\n"
+            "  vbus broker --bind tcp://127.0.0.1:0        # any free port, printed first\n"
+            "  vbus broker --bind tcp://0.0.0.0:5555 --insecure"
+        ),
+    )
+    p.add_argument("--bind", action="append", metavar="ADDR",
+                   help=f"tcp://HOST:PORT or ipc://PATH; repeat for several "
+                        f"(default: {DEFAULT_BIND})")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow a non-loopback tcp address without encryption")
+    p.set_defaults(run=run)
+
+
+def network_exposed(address: str) -> bool:
+    """True for a tcp address that other hosts can reach (not loopback)."""
+    if not address.startswith("tcp://"):
+        return False
+    host = address[len("tcp://"): address.rindex(":")].strip("[]")
+    if host in ("localhost", "lo", "lo0"):
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True  # '*', a host name or an interface name: assume the network
+
+
+def run(args: argparse.Namespace) -> int:
+    binds: list[str] = args.bind or [DEFAULT_BIND]
+    for b in binds:
+        parse_address(b)  # a bad address is one line, before anything starts
+    exposed = [b for b in binds if network_exposed(b)]
+    if exposed and not args.insecure:
+        raise UserError(
+            f"{exposed[0]} is reachable from the network and the bus would be unencrypted; "
+            "bind tcp://127.0.0.1:PORT, or pass --insecure to open it anyway"
+        )
+    # The stop signals are taken with sigwait: blocked here, before the broker's threads
+    # start (they inherit the mask), so no thread but this one ever handles them.
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        bus = Bus(bind=binds)
+        try:
+            return _serve(bus, exposed)
+        finally:
+            bus.close(timeout=_CLOSE_TIMEOUT)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+
+
+def _serve(bus: Bus, exposed: list[str]) -> int:
+    broker = getattr(bus, "_broker", None)
+    addresses = [ep.address for ep in getattr(broker, "endpoints", ())] or [bus.address]
+    print("\n".join(addresses), flush=True)
+    for address in exposed:
+        log.warning("%s is open to the network: anyone who reaches it can read and publish "
+                    "every message, unencrypted (--insecure)", address)
+    say(f"vbus broker: serving {', '.join(addresses)}; Ctrl-C or SIGTERM stops it")
+    received = signal.sigwait(_STOP_SIGNALS)
+    say(f"vbus broker: {signal.Signals(received).name}, stopping")
+    sys.stdout.flush()
+    return 0

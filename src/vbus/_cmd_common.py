@@ -1,0 +1,157 @@
+"""What the command-line tools share: connecting, user errors, progress lines, signals."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, TextIO
+
+from ._bus import Bus, connect
+from ._endpoints import parse_address
+from ._errors import VbusError
+
+DEFAULT_TIMEOUT = 5.0
+
+Commands = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+
+class UserError(VbusError):
+    """A mistake the user can fix; printed as one line, exit status 1."""
+
+
+def add_parser(commands: Any, name: str, *, help: str, description: str,
+               example: str, **kwargs: Any) -> argparse.ArgumentParser:
+    """A subcommand whose --help ends with an example, newlines kept."""
+    parser: argparse.ArgumentParser = commands.add_parser(
+        name, help=help, description=description, epilog=example,
+        formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs,
+    )
+    return parser
+
+
+def add_timeout(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--timeout", type=positive_float, default=DEFAULT_TIMEOUT, metavar="S",
+                        help=f"give up if no broker answers within S seconds "
+                             f"(default: {DEFAULT_TIMEOUT:g})")
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, not {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be zero or positive, not {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be zero or positive, not {text}")
+    return value
+
+
+def connect_to(address: str, timeout: float) -> Bus:
+    """A client of the broker at ``address``; a user's mistake raises a one-line error."""
+    endpoints = parse_address(address)  # AddressError names what is wrong
+    if endpoints.address.startswith("inproc://"):
+        raise UserError(
+            f"{address}: inproc:// addresses exist only inside one process; "
+            "use the tcp:// or ipc:// address that 'vbus broker' prints"
+        )
+    return connect(address, timeout=timeout)
+
+
+def say(text: str) -> None:
+    """A status line on stderr (stdout is for data)."""
+    print(text, file=sys.stderr, flush=True)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def human_duration(seconds: float) -> str:
+    seconds = max(seconds, 0.0)
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, s = divmod(int(seconds), 60)
+    hours, m = divmod(minutes, 60)
+    return f"{hours}h{m:02d}m{s:02d}s" if hours else f"{m}m{s:02d}s"
+
+
+class Progress:
+    """A status line rewritten in place on stderr, at most every ``interval`` seconds; silent
+    unless stderr is a terminal (and the user did not ask for --quiet)."""
+
+    def __init__(self, quiet: bool, stream: TextIO | None = None, interval: float = 0.25) -> None:
+        self._stream = stream or sys.stderr
+        self.enabled = not quiet and self._stream.isatty()
+        self._interval = interval
+        self._next = 0.0
+        self._shown = False
+
+    def update(self, text: Callable[[], str], *, force: bool = False) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if now < self._next and not force:
+            return
+        self._next = now + self._interval
+        self._stream.write("\r" + text() + "\x1b[K")
+        self._stream.flush()
+        self._shown = True
+
+    def done(self) -> None:
+        if self._shown:
+            self._stream.write("\n")
+            self._stream.flush()
+            self._shown = False
+
+
+class RateMeter:
+    """Messages per second over the last second or so."""
+
+    def __init__(self) -> None:
+        self._mark = time.monotonic()
+        self._count = 0
+        self.rate = 0.0
+
+    def observe(self, count: int) -> float:
+        now = time.monotonic()
+        if now - self._mark >= 0.5:
+            self.rate = (count - self._count) / (now - self._mark)
+            self._mark, self._count = now, count
+        return self.rate
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt in the main thread, like Ctrl-C, so that commands
+    clean up (finish a recording, close the bus) either way."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

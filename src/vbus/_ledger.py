@@ -1,0 +1,82 @@
+"""The broker's bookkeeping, sans-io: retained values and the statistics it publishes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import _control, _wire
+from ._errors import DecodeError
+from ._topics import Pattern
+
+
+class RetainedStore:
+    """The latest retained message of each topic, as the frames to replay."""
+
+    def __init__(self) -> None:
+        self._frames: dict[str, list[bytes]] = {}
+
+    def __len__(self) -> int:
+        return len(self._frames)
+
+    def take(self, first: bytes, rest: list[bytes]) -> bool:
+        """Keep (or clear) from a ``$vbus/retain/<topic>`` message; False if it is invalid."""
+        original = first[len(_control.RETAIN) :]
+        try:
+            env = _wire.parse_envelope(original)
+        except DecodeError:
+            return False
+        if env.flags & _wire.FLAG_CLEAR:
+            self._frames.pop(env.topic, None)
+        else:
+            self._frames[env.topic] = [original, *rest]
+        return True
+
+    def matching(self, pattern: Pattern) -> list[list[bytes]]:
+        return [frames for topic, frames in sorted(self._frames.items()) if pattern.match(topic)]
+
+
+class Ledger:
+    """Aggregates reports into the ``$vbus/stats`` map (totals and rates per topic)."""
+
+    def __init__(self, broker_id: str, started: float) -> None:
+        self._id = broker_id
+        self._started = started
+        self._publishers: dict[bytes, _control.Report] = {}
+        self._subscribers: dict[bytes, _control.Report] = {}
+        self._last_time: float | None = None
+        self._last_totals: dict[str, tuple[int, int]] = {}
+
+    def take(self, sender: bytes, report: _control.Report) -> None:
+        book = self._publishers if report.kind == "publisher" else self._subscribers
+        book[sender] = report
+
+    def snapshot(self, now: float, forwarder: dict[str, int], subscribers: int) -> dict[str, Any]:
+        totals: dict[str, tuple[int, int]] = {}
+        for report in self._publishers.values():
+            for topic, (messages, size) in report.topics.items():
+                m, b = totals.get(topic, (0, 0))
+                totals[topic] = (m + messages, b + size)
+        dt = None if self._last_time is None else max(now - self._last_time, 1e-9)
+        topics = {}
+        for topic, (messages, size) in sorted(totals.items()):
+            pm, pb = self._last_totals.get(topic, (messages, size))
+            topics[topic] = {
+                "messages": messages,
+                "bytes": size,
+                "message_rate": (messages - pm) / dt if dt else 0.0,
+                "byte_rate": (size - pb) / dt if dt else 0.0,
+            }
+        self._last_time, self._last_totals = now, totals
+        dropped = sum(r.dropped for r in self._publishers.values()) + sum(
+            r.dropped for r in self._subscribers.values()
+        )
+        return {
+            "broker": self._id,
+            "time": now,
+            "uptime": now - self._started,
+            **forwarder,
+            "subscribers": subscribers,
+            "publishers": len(self._publishers),
+            "dropped": dropped,
+            "topics": topics,
+        }

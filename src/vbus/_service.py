@@ -1,0 +1,186 @@
+"""The broker's service thread: confirms subscriptions, keeps retained values, publishes stats.
+
+It is a publisher into the forwarder (XPUB on the XSUB side) and a subscriber of it (SUB on the
+XPUB side). XSUB forwards every new subscription to its publishers, so the service sees each
+subscriber's ``$vbus/ready/<token>`` only after the XPUB has applied it: its reply on that
+topic proves to the subscriber that everything subscribed before the token is active.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Callable
+
+import zmq
+
+from . import _control, _wire
+from ._errors import DecodeError, TopicError
+from ._ledger import Ledger, RetainedStore
+from ._threads import Started, block_signals
+from ._topics import Pattern, compile_pattern
+from ._waker import Waker
+
+log = logging.getLogger("vbus.broker")
+
+STATS_PERIOD = 1.0
+_SUBSCRIBE, _UNSUBSCRIBE = b"\x01", b"\x00"
+
+
+class BrokerService:
+    def __init__(
+        self,
+        context: zmq.Context[zmq.Socket[bytes]],
+        broker_id: str,
+        publish_endpoint: str,
+        subscribe_endpoint: str,
+        forwarder_stats: Callable[[], dict[str, int]],
+    ) -> None:
+        self._context = context
+        self._id = broker_id
+        self._sender = bytes.fromhex(broker_id) * 2
+        self._publish_endpoint = publish_endpoint
+        self._subscribe_endpoint = subscribe_endpoint
+        self._forwarder_stats = forwarder_stats
+        self.waker = Waker()
+        self.subscribers: set[bytes] = set()
+        self.retained = RetainedStore()
+        self._wants: dict[bytes, Pattern] = {}
+        self._ledger = Ledger(broker_id, time.time())
+
+    def run(self, started: Started[None]) -> None:
+        block_signals()
+        ctx = self._context
+        out, into = ctx.socket(zmq.XPUB), ctx.socket(zmq.SUB)
+        try:
+            for sock in (out, into):
+                sock.linger = 0
+            into.rcvhwm = 100_000  # retained copies and reports: room for long bursts
+            out.connect(self._publish_endpoint)
+            into.subscribe(_control.RETAIN)
+            into.subscribe(_control.REPORT)
+            into.connect(self._subscribe_endpoint)
+            self._confirm_own_subscription(out, into)
+            poller = zmq.Poller()
+            poller.register(out, zmq.POLLIN)
+            poller.register(into, zmq.POLLIN)
+            poller.register(self.waker.fileno(), zmq.POLLIN)
+        except BaseException as exc:
+            out.close(0)
+            into.close(0)
+            started.fail(exc)
+            return
+        started.ok(None)
+        try:
+            self._serve(poller, out, into)
+        except zmq.ZMQError as exc:
+            log.error("broker %s: service thread failed: %s", self._id, exc)
+        finally:
+            out.close(0)
+            into.close(0)
+
+    def _confirm_own_subscription(self, out: zmq.Socket[bytes], into: zmq.Socket[bytes]) -> None:
+        # Our SUB is a subscriber like any other: wait until the forwarder applies it, or a
+        # retained value published right after the bus starts could pass us by.
+        token = _control.READY + secrets.token_hex(8).encode()
+        into.subscribe(token + b"\0")
+        deadline = time.monotonic() + 10.0
+        while time.monotonic() < deadline:
+            if out.poll(100) and out.recv() == _SUBSCRIBE + token + b"\0":
+                out.send(_control.control_frame(token, self._sender))
+                break
+        while time.monotonic() < deadline:
+            if into.poll(100) and into.recv().startswith(token):
+                into.unsubscribe(token + b"\0")
+                return
+        raise TimeoutError("the broker's service could not subscribe to its own forwarder")
+
+    def _serve(self, poller: zmq.Poller, out: zmq.Socket[bytes], into: zmq.Socket[bytes]) -> None:
+        waker = self.waker.fileno()
+        next_stats = time.monotonic() + STATS_PERIOD
+        while True:
+            timeout = max(next_stats - time.monotonic(), 0.0)
+            events = dict(poller.poll(int(timeout * 1000) + 1))
+            if waker in events:
+                return  # stop() woke us
+            if into in events:
+                self._drain_data(into)
+            if out in events:
+                self._drain_subscriptions(out, into)
+            if time.monotonic() >= next_stats:
+                next_stats += STATS_PERIOD
+                self._publish_stats(out)
+
+    def _drain_data(self, into: zmq.Socket[bytes]) -> None:
+        while True:
+            try:
+                first = into.recv(zmq.NOBLOCK)
+                rest = []
+                while into.rcvmore:
+                    rest.append(into.recv(zmq.NOBLOCK))
+            except zmq.Again:
+                return
+            if first.startswith(_control.RETAIN):
+                self.retained.take(first, rest)
+            elif first.startswith(_control.REPORT):
+                self._take_report(first)
+
+    def _take_report(self, first: bytes) -> None:
+        try:
+            env = _wire.parse_envelope(first)
+            report = _control.REPORT_DECODER.decode(memoryview(first)[env.offset :])
+        except (DecodeError, ValueError):
+            return
+        self._ledger.take(env.sender, report)
+
+    def _drain_subscriptions(self, out: zmq.Socket[bytes], into: zmq.Socket[bytes]) -> None:
+        while True:
+            try:
+                event = out.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            change, body = event[:1], event[1:]
+            if body.startswith(_control.READY) and body.endswith(b"\0"):
+                token = body[len(_control.READY) : -1]
+                if change == _SUBSCRIBE and token.isascii():
+                    self._confirm(out, into, token)
+                    self.subscribers.add(token)
+                elif change == _UNSUBSCRIBE:
+                    self.subscribers.discard(token)
+            elif body.startswith(_control.WANT):
+                want = _control.parse_want(body)
+                if want is None:
+                    continue
+                if change == _SUBSCRIBE:
+                    try:
+                        self._wants[want[0]] = compile_pattern(want[1])
+                    except TopicError:
+                        pass
+                else:
+                    self._wants.pop(want[0], None)
+
+    def _confirm(self, out: zmq.Socket[bytes], into: zmq.Socket[bytes], token: bytes) -> None:
+        ready = _control.READY + token
+        pattern = self._wants.pop(token, None)
+        try:
+            if pattern is not None:
+                # Retained copies forwarded before this subscription was applied are queued
+                # on our SUB: take them first, so the replay misses none of them.
+                self._drain_data(into)
+                for frames in self.retained.matching(pattern):
+                    head = _control.control_frame(ready, self._sender, _wire.FLAG_REPLAY)
+                    out.send_multipart([head, *frames], zmq.NOBLOCK)
+            out.send(_control.control_frame(ready, self._sender), zmq.NOBLOCK)
+        except zmq.Again:
+            log.warning("broker %s: could not confirm subscription %r", self._id, token)
+
+    def _publish_stats(self, out: zmq.Socket[bytes]) -> None:
+        stats = self._ledger.snapshot(time.time(), self._forwarder_stats(), len(self.subscribers))
+        frame = _control.control_frame(
+            _control.STATS_TOPIC.encode(), self._sender, payload=_control.stats_payload(stats)
+        )
+        try:
+            out.send(frame, zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # a stats message is superseded by the next one a second later

@@ -1,0 +1,109 @@
+"""Retained values: a late subscriber gets the latest of every matching topic first, once."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+import vbus
+
+
+def _drain(sub: vbus.Subscriber, quiet: float = 0.2) -> list[vbus.Message]:
+    got = []
+    while True:
+        try:
+            got.append(sub.recv(timeout=quiet))
+        except TimeoutError:
+            return got
+
+
+def test_late_subscriber_gets_latest_retained_first_then_live(any_bus: vbus.Bus) -> None:
+    pub = any_bus.publisher()
+    pub.publish("stage/state", {"x": 1}, retain=True)
+    pub.publish("stage/state", {"x": 2}, retain=True)
+    pub.publish("stage/speed", 5.0, retain=True)
+    pub.publish("other/state", "no", retain=True)
+    sub = any_bus.subscribe("stage/*")
+    pub.publish("stage/state", {"x": 3})
+    got = [(m.topic, m.data, m.retained) for m in _drain(sub)]
+    assert got == [
+        ("stage/speed", 5.0, True),
+        ("stage/state", {"x": 2}, True),
+        ("stage/state", {"x": 3}, False),
+    ]
+    assert sub.stats().dropped == 0
+
+
+def test_live_subscribers_never_see_retained_flag(bus: vbus.Bus) -> None:
+    sub = bus.subscribe("s")
+    pub = bus.publisher()
+    pub.publish("s", 1, retain=True)
+    msg = sub.recv(timeout=2.0)
+    assert (msg.data, msg.retained) == (1, False)
+    assert _drain(sub) == []  # the broker's copy is not delivered a second time
+
+
+def test_clear_retained(bus: vbus.Bus) -> None:
+    pub = bus.publisher()
+    pub.publish("a", 1, retain=True)
+    pub.publish("b", 2, retain=True)
+    pub.clear_retained("a")
+    with pytest.raises(vbus.TopicError):
+        pub.clear_retained("bad topic")
+    assert [(m.topic, m.data) for m in _drain(bus.subscribe("*"))] == [("b", 2)]
+
+
+def test_async_subscribers_and_callbacks_get_retained_values(bus: vbus.Bus) -> None:
+    bus.publisher().publish("cfg/mode", "fast", retain=True)
+    got = threading.Event()
+    seen: list[tuple[object, bool]] = []
+
+    @bus.on("cfg/**")
+    async def on_cfg(msg: vbus.Message) -> None:
+        seen.append((msg.data, msg.retained))
+        got.set()
+
+    async def main() -> vbus.Message:
+        async with bus.async_subscribe("cfg/mode") as asub:
+            return await asub.recv(timeout=2.0)
+
+    msg = asyncio.run(main())
+    assert (msg.data, msg.retained) == ("fast", True)
+    assert got.wait(2.0)
+    assert seen == [("fast", True)]
+
+
+def test_no_duplicate_and_no_gap_at_the_seam(any_bus: vbus.Bus) -> None:
+    """A subscriber joining while retained values stream in sees each seq at most once and
+    none missing after the first one it gets."""
+    pub = any_bus.publisher()
+    total = 20_000
+    joined = threading.Event()
+
+    def stream() -> None:
+        for i in range(1, total + 1):
+            pub.publish("seam/t", i, retain=True)
+            if i == 100:
+                joined.wait(10.0)  # let some subscribers join before the stream goes on
+
+    writer = threading.Thread(target=stream)
+    writer.start()
+    try:
+        subs = [any_bus.subscribe("seam/t", hwm=1_000_000)]
+        joined.set()
+        subs += [any_bus.subscribe("seam/t", hwm=1_000_000) for _ in range(9)]
+    finally:
+        joined.set()
+        writer.join(30.0)
+    for sub in subs:
+        got = [sub.recv(timeout=5.0)]
+        while got[-1].seq < total:
+            got.append(sub.recv(timeout=5.0))
+        got += _drain(sub, quiet=0.05)  # nothing after the last one either
+        seqs = [m.seq for m in got]
+        assert got and got[0].retained and not any(m.retained for m in got[1:])
+        assert seqs == list(range(seqs[0], total + 1)), "duplicate or gap at the seam"
+        assert [m.data for m in got] == seqs
+        assert sub.stats().dropped == 0
