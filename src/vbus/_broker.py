@@ -24,6 +24,15 @@ from ._threads import Deadline, Started, block_signals, join
 log = logging.getLogger("vbus.broker")
 
 _START_TIMEOUT = 10.0
+MAX_MESSAGE_SIZE = 256 * 1024 * 1024
+"""Default bound (bytes) of one message from a network peer; a peer sending more is dropped."""
+MONITORED_EVENTS = (
+    zmq.EVENT_ACCEPTED
+    | zmq.EVENT_DISCONNECTED
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+)
 
 
 class BrokerStats(msgspec.Struct, frozen=True):
@@ -40,10 +49,11 @@ class Broker:
     """Starts on construction (returns when both threads serve); ``stop()`` ends it."""
 
     def __init__(self, context: zmq.Context[zmq.Socket[bytes]], binds: Sequence[str] = (),
-                 *, hwm: int = 10_000) -> None:
+                 *, hwm: int = 10_000, max_message_size: int = MAX_MESSAGE_SIZE) -> None:
         self.id = secrets.token_hex(4)
         self._context = context
         self._hwm = hwm
+        self._max_message_size = max_message_size
         self.inproc = parse_address(f"inproc://vbus-{self.id}")
         self._control = f"inproc://vbus-{self.id}.control"
         wanted = [parse_address(b) for b in binds]
@@ -55,8 +65,10 @@ class Broker:
         self._proxy.start()
         self.endpoints = started.wait(_START_TIMEOUT, "the broker")
 
+        monitors = [self._monitor(side) for side in ("publish", "subscribe")] if wanted else []
         self.service = BrokerService(
-            context, self.id, self.inproc.publish, self.inproc.subscribe, self._forwarder_counts
+            context, self.id, self.inproc.publish, self.inproc.subscribe, self._forwarder_counts,
+            monitors,
         )
         service_started: Started[None] = Started()
         self._service = threading.Thread(
@@ -79,10 +91,16 @@ class Broker:
                 sock.linger = 0
             front.rcvhwm = self._hwm
             back.sndhwm = self._hwm
+            for sock in (front, back):
+                # Network peers only: ZeroMQ drops the connection of a peer that sends more.
+                sock.maxmsgsize = self._max_message_size
             front.bind(self.inproc.publish)
             back.bind(self.inproc.subscribe)
             control.bind(self._control)
             bound = [_bind_pair(front, back, ep) for ep in wanted]
+            if wanted:
+                front.monitor(self._monitor("publish"), MONITORED_EVENTS)
+                back.monitor(self._monitor("subscribe"), MONITORED_EVENTS)
             front.send(b"\x01")  # subscribe to everything: publishers see this as "accepted"
         except BaseException as exc:
             for sock in (front, back, control):
@@ -99,6 +117,9 @@ class Broker:
         finally:
             for sock in (front, back, control):
                 sock.close(0)
+
+    def _monitor(self, side: str) -> str:
+        return f"inproc://vbus-{self.id}.monitor-{side}"
 
     def _request(self, command: bytes, timeout: float) -> list[bytes] | None:
         req = self._context.socket(zmq.REQ)

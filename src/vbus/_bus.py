@@ -17,14 +17,20 @@ from typing import Any, TypeVar, overload
 import msgspec
 import zmq
 
-from ._broker import Broker
+from ._broker import MAX_MESSAGE_SIZE, Broker
 from ._endpoints import AddressError, parse_address
 from ._control import Report, report_frame
 from ._errors import Closed, ConnectError, VbusError
 from ._loop import BackgroundLoop
 from ._message import Message
 from ._publisher import LINGER, AsyncPublisher, Publisher, PublisherStats, connect_publisher
-from ._subscriber import AsyncSubscriber, Subscriber, SubscriberStats, connect_subscriber
+from ._subscriber import (
+    AsyncSubscriber,
+    LossHook,
+    Subscriber,
+    SubscriberStats,
+    connect_subscriber,
+)
 from ._threads import Deadline, block_signals, join
 from ._topics import compile_pattern
 
@@ -71,14 +77,23 @@ class Bus:
         *,
         hwm: int = DEFAULT_HWM,
         timeout: float = DEFAULT_TIMEOUT,
+        max_message_size: int = MAX_MESSAGE_SIZE,
     ) -> None:
+        """``hwm``: queue bound (messages) of each publisher and subscriber and of the broker
+        per subscriber. ``timeout``: how long readiness handshakes may take. ``max_message_size``
+        (bytes): the largest message a network peer may send the broker; a peer that sends
+        more is disconnected. In-process traffic has no such limit."""
+        if max_message_size < 1:
+            raise ValueError(f"max_message_size must be positive, not {max_message_size}")
         binds = [bind] if isinstance(bind, str) else list(bind or ())
         for b in binds:
             if parse_address(b).address.startswith("inproc://"):
                 raise AddressError(f"bind {b!r}: in-process access needs no bind")
         self._setup(hwm, timeout, zmq.Context(), owns_context=True)
         try:
-            self._broker: Broker | None = Broker(self._context, binds, hwm=hwm)
+            self._broker: Broker | None = Broker(
+                self._context, binds, hwm=hwm, max_message_size=max_message_size
+            )
         except BaseException:
             self._context.term()
             raise
@@ -199,59 +214,85 @@ class Bus:
             log.debug("vbus: could not report counters: %s", exc)
 
     # -- subscribing ------------------------------------------------------------------------
-    def subscribe(self, pattern: str, *, type: Any = None, hwm: int | None = None) -> Subscriber:
-        """A sync subscriber, returned once its subscription is active at the broker."""
-        return self._subscribe(Subscriber, pattern, type, hwm)
+    def subscribe(
+        self,
+        pattern: str,
+        *,
+        type: Any = None,
+        hwm: int | None = None,
+        on_loss: LossHook | None = None,
+    ) -> Subscriber:
+        """A sync subscriber, returned once its subscription is active at the broker.
+
+        ``type`` decodes and validates payloads into it; ``hwm`` bounds its queue (messages);
+        ``on_loss(topic, sender, count)`` is called in the receiving thread for every gap.
+        """
+        return self._subscribe(Subscriber, pattern, type, hwm, on_loss)
 
     def async_subscribe(
-        self, pattern: str, *, type: Any = None, hwm: int | None = None
+        self,
+        pattern: str,
+        *,
+        type: Any = None,
+        hwm: int | None = None,
+        on_loss: LossHook | None = None,
     ) -> AsyncSubscriber:
-        """An asyncio subscriber, returned once its subscription is active at the broker."""
-        return self._subscribe(AsyncSubscriber, pattern, type, hwm)
+        """An asyncio subscriber, returned once its subscription is active at the broker.
+        The options are those of ``subscribe``."""
+        return self._subscribe(AsyncSubscriber, pattern, type, hwm, on_loss)
 
-    def _subscribe(self, cls: type[S], pattern: str, type: Any, hwm: int | None) -> S:
+    def _subscribe(self, cls: type[S], pattern: str, type: Any, hwm: int | None,
+                   on_loss: LossHook | None = None) -> S:
         compiled = compile_pattern(pattern)
+        if hwm is not None and hwm < 1:
+            raise ValueError(f"hwm must be at least 1, not {hwm}")
         self._check_open()
         sock, ready, early = connect_subscriber(
             self._context, self._endpoints.subscribe, compiled,
             timeout=self._timeout, hwm=hwm or self._hwm,
         )
-        sub: S = self._adopt(cls(sock, compiled, ready, early, type=type, owner=self))
+        sub: S = self._adopt(
+            cls(sock, compiled, ready, early, type=type, on_loss=on_loss, owner=self)
+        )
         return sub
 
     @overload
-    def on(self, pattern: str, *, type: Any = None) -> Callable[[C], C]: ...
+    def on(self, pattern: str, *, type: Any = None, hwm: int | None = None,
+           on_loss: LossHook | None = None) -> Callable[[C], C]: ...
     @overload
-    def on(self, pattern: str, callback: C, *, type: Any = None) -> C: ...
+    def on(self, pattern: str, callback: C, *, type: Any = None, hwm: int | None = None,
+           on_loss: LossHook | None = None) -> C: ...
 
-    def on(self, pattern: str, callback: Any = None, *, type: Any = None) -> Any:
+    def on(self, pattern: str, callback: Any = None, *, type: Any = None,
+           hwm: int | None = None, on_loss: LossHook | None = None) -> Any:
         """Run ``callback(msg)`` for every message matching ``pattern``; usable as decorator.
 
         Async callbacks run on the bus's background loop; sync callbacks on a thread of their
         own each, so a slow one stalls only itself. Either way in order, per subscription. An
         exception is logged and counted, and the subscription goes on. Returns once the
-        subscription is active.
+        subscription is active. The options are those of ``subscribe``.
         """
         compile_pattern(pattern)
 
         def decorator(fn: C) -> C:
-            self._start_callback(pattern, fn, type)
+            self._start_callback(pattern, fn, type, hwm, on_loss)
             return fn
 
         return decorator if callback is None else decorator(callback)
 
-    def _start_callback(self, pattern: str, callback: Callback, type: Any) -> None:
+    def _start_callback(self, pattern: str, callback: Callback, type: Any, hwm: int | None,
+                        on_loss: LossHook | None) -> None:
         if not callable(callback):
             raise TypeError(f"callback must be callable, not {callback!r}")
         if _is_async(callback):
-            asub = self._subscribe(AsyncSubscriber, pattern, type, None)
+            asub = self._subscribe(AsyncSubscriber, pattern, type, hwm, on_loss)
             try:
                 self._ensure_loop().submit(_run_async_callback(asub, callback))
             except BaseException:
                 asub.close()
                 raise
             return
-        sub = self._subscribe(Subscriber, pattern, type, None)
+        sub = self._subscribe(Subscriber, pattern, type, hwm, on_loss)
         thread = threading.Thread(
             target=_run_sync_callback, args=(sub, callback), name=f"vbus-callback-{pattern}"
         )

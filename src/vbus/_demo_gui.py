@@ -20,11 +20,20 @@ import socket
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from PySide6.QtCore import QElapsedTimer, QObject, QRect, QSize, QSocketNotifier, Qt, QTimer
-from PySide6.QtGui import QCloseEvent, QColor, QFont, QImage, QPainter, QPaintEvent
+from PySide6.QtCore import (
+    QElapsedTimer,
+    QObject,
+    QRect,
+    QSize,
+    QSocketNotifier,
+    Qt,
+    QTimer,
+)
+from PySide6.QtGui import QCloseEvent, QColor, QImage, QPainter, QPaintEvent
 from PySide6.QtWidgets import (
     QApplication,
     QFormLayout,
@@ -38,6 +47,7 @@ from PySide6.QtWidgets import (
 )
 
 from ._bus import Bus
+from ._errors import Closed
 from ._message import Message
 from .qt import QtSubscriber, forward
 
@@ -165,9 +175,11 @@ def start_analysis(bus: Bus) -> None:
     @bus.on("camera/frame")
     async def analyse(msg: Message) -> None:
         sub = msg.data[::8, ::8]
-        await apub.publish(
-            "camera/stats", {"seq": msg.seq, "mean": float(sub.mean()), "max": int(sub.max())}
-        )
+        stats = {"seq": msg.seq, "mean": float(sub.mean()), "max": int(sub.max())}
+        try:
+            await apub.publish("camera/stats", stats)
+        except Closed:
+            pass  # the bus is closing: its publishers close before its callbacks stop
 
 
 # -- the window -----------------------------------------------------------------------------
@@ -184,17 +196,26 @@ def _colour_table() -> list[int]:
 
 
 class FrameView(QWidget):
-    """Paints the newest frame, scaled to fit, converted to 8 bits only when painted."""
+    """Shows the newest frame, scaled to fit. It paints at most at the screen's refresh
+    rate, and converts a frame to colour only when it paints it."""
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Expanding)
         self.setMinimumSize(QSize(320, 160))
+        self.setAttribute(Qt.WidgetAttribute.WA_OpaquePaintEvent)
         self._frame: Any = None
         self._seq = 0
         self._image: QImage | None = None
         self._pixels: Any = None  # keeps the QImage's buffer alive
-        self._colours = _colour_table()
+        # 12-bit camera values straight to 32-bit colour: one table look-up a pixel
+        table = np.array(_colour_table(), dtype=np.uint32)
+        self._lut = table[np.minimum(np.arange(4096) >> 4, 255)]
+        self._scheduled = False
+        self._last_paint = 0.0
+        self._timer = QTimer(self)
+        self._timer.setSingleShot(True)
+        self._timer.timeout.connect(self.update)
         self.painted = 0
         self.paint_seconds = 0.0
 
@@ -204,7 +225,16 @@ class FrameView(QWidget):
     def set_frame(self, frame: Any, seq: int) -> None:
         self._frame, self._seq = frame, seq
         self._image = None
-        self.update()  # Qt merges updates: at most one paint per pass of the event loop
+        if self._scheduled:
+            return  # the paint to come will show this frame
+        self._scheduled = True
+        screen = self.screen()
+        hz = min(max(screen.refreshRate() if screen is not None else 60.0, 30.0), 240.0)
+        wait = self._last_paint + 1.0 / hz - time.perf_counter()
+        if wait > 0:
+            self._timer.start(max(int(wait * 1000), 1))
+        else:
+            self.update()
 
     def image_rect(self) -> QRect:
         if self._frame is None:
@@ -216,6 +246,8 @@ class FrameView(QWidget):
 
     def paintEvent(self, event: QPaintEvent) -> None:
         started = time.perf_counter()
+        self._scheduled = False
+        self._last_paint = started
         painter = QPainter(self)
         try:
             painter.fillRect(self.rect(), QColor(16, 16, 16))
@@ -224,25 +256,38 @@ class FrameView(QWidget):
                 painter.drawText(self.rect(), Qt.AlignmentFlag.AlignCenter, "waiting for frames")
                 return
             if self._image is None:
-                pixels = np.ascontiguousarray(self._frame >> 4, dtype=np.uint8)
+                pixels = np.take(self._lut, self._frame, mode="clip")
                 h, w = pixels.shape
-                image = QImage(pixels.data, w, h, w, QImage.Format.Format_Indexed8)
-                image.setColorTable(self._colours)
-                self._image, self._pixels = image, pixels
+                self._image = QImage(pixels.data, w, h, 4 * w, QImage.Format.Format_RGB32)
+                self._pixels = pixels
             painter.setRenderHint(QPainter.RenderHint.SmoothPixmapTransform)
             target = self.image_rect()
             painter.drawImage(target, self._image)
             painter.setPen(QColor(255, 255, 255))
-            painter.setFont(QFont(painter.font().family(), 9))
             painter.drawText(
                 target.adjusted(8, 6, -8, -6),
                 int(Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignTop),
                 f"frame {self._seq}",
             )
+            self.painted += 1
         finally:
             painter.end()
-            self.painted += 1
             self.paint_seconds += time.perf_counter() - started
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Counters at one instant; two of them give rates (see ``ViewerWindow.rates``)."""
+
+    wall: float
+    published: int  # the camera publisher's sequence number of the newest frame seen
+    delivered: int
+    skipped: int
+    painted: int
+    delivery: float  # seconds the GUI thread spent in QtSubscriber delivery, slots included
+    slots: float  # seconds in our slots connected to QtSubscriber.received
+    paint: float
+    lag: float  # the most a 20 ms timer fired late since ``reset_lag()``
 
 
 class ViewerWindow(QWidget):
@@ -253,17 +298,17 @@ class ViewerWindow(QWidget):
         super().__init__(parent)
         self.setWindowTitle("vbus live viewer")
         self.bus = bus
-        self.slot_seconds = 0.0  # time in our slots connected to QtSubscriber.received
+        self.slot_seconds = 0.0
         self.view = FrameView(self)
-        self.stage_label = QLabel("x = …  y = …")
-        self.camera_label = QLabel("…")
-        self.analysis_label = QLabel("…")
-        self.rates_label = QLabel("…")
-        self.gui_label = QLabel("…")
+        self.stage_label = QLabel("waiting for the stage")
+        self.camera_label = QLabel("waiting for the camera")
+        self.analysis_label = QLabel("waiting for the analysis plugin")
+        self.rates_label = QLabel("measuring")
+        self.gui_label = QLabel("measuring")
         for label in (self.stage_label, self.camera_label, self.analysis_label,
                       self.rates_label, self.gui_label):
             label.setTextFormat(Qt.TextFormat.PlainText)
-            label.setMinimumWidth(300)
+            label.setMinimumWidth(330)
         self.exposure = QSpinBox()
         self.exposure.setRange(1, 16)
         self.exposure.setSuffix(" ms")
@@ -277,7 +322,7 @@ class ViewerWindow(QWidget):
         form.addRow("Analysis", self.analysis_label)
         rates = QGroupBox("Bus")
         rform = QFormLayout(rates)
-        rform.addRow("Frames /s", self.rates_label)
+        rform.addRow("Frames/s", self.rates_label)
         rform.addRow("GUI thread", self.gui_label)
         panel = QHBoxLayout()
         panel.addWidget(box, 1)
@@ -286,41 +331,40 @@ class ViewerWindow(QWidget):
         layout.addWidget(self.view, 1)
         layout.addLayout(panel)
 
-        # Frames: only the newest matters. Stage and analysis: also display-only.
+        # Display-only data: the newest value of each topic is all the GUI wants.
         self.frames = QtSubscriber(bus, "camera/frame", latest_only=True, parent=self)
         self.frames.received.connect(self._on_frame)
         self.stage = QtSubscriber(bus, "stage/position", latest_only=True, parent=self)
         self.stage.received.connect(self._on_stage)
-        self.stats_sub = QtSubscriber(bus, "camera/stats", latest_only=True, parent=self)
-        self.stats_sub.received.connect(self._on_stats)
-        self.qsubs = (self.frames, self.stage, self.stats_sub)
+        self.analysis = QtSubscriber(bus, "camera/stats", latest_only=True, parent=self)
+        self.analysis.received.connect(self._on_stats)
+        self.qsubs = (self.frames, self.stage, self.analysis)
         self._pub = bus.publisher()
         forward(self.exposure.valueChanged, self._pub, "camera/exposure")
 
-        self.last_seq = 0  # publisher's seq of the newest frame: counts what was published
-        self._first_seq: int | None = None
-        self._rates_at: tuple[float, int, int, int, int, float, float, float, float] | None = None
-        self.latency_max = 0.0
+        self.last_seq = 0
+        self.latency_max = 0.0  # for the display, per refresh
+        self.latency_worst = 0.0  # since reset_lag()
         self._tick = QElapsedTimer()
         self._tick.start()
-        self._ticker = QTimer(self)  # measures how late the event loop serves a 20 ms timer
+        self._ticker = QTimer(self)  # how late the event loop serves a 20 ms timer
         self._ticker.setTimerType(Qt.TimerType.PreciseTimer)
         self._ticker.timeout.connect(self._on_tick)
         self._ticker.start(20)
+        self._last: Snapshot | None = None
         self._refresh = QTimer(self)
-        self._refresh.timeout.connect(self._update_rates)
+        self._refresh.timeout.connect(self._show_rates)
         self._refresh.start(500)
-        self.summary: dict[str, float] = {}
 
     # -- slots ------------------------------------------------------------------------------
     def _on_frame(self, msg: Message) -> None:
         started = time.perf_counter()
-        if self._first_seq is None:
-            self._first_seq = msg.seq
-            h, w = msg.data.shape
-            self.camera_label.setText(f"{h} x {w} {msg.data.dtype}, {msg.data.nbytes >> 10} KiB")
+        frame = msg.data
+        if not self.last_seq:
+            h, w = frame.shape
+            self.camera_label.setText(f"{h} x {w} {frame.dtype}, {frame.nbytes >> 10} KiB a frame")
         self.last_seq = msg.seq
-        self.view.set_frame(msg.data, msg.seq)
+        self.view.set_frame(frame, msg.seq)
         self.slot_seconds += time.perf_counter() - started
 
     def _on_stage(self, msg: Message) -> None:
@@ -337,58 +381,71 @@ class ViewerWindow(QWidget):
     def _on_tick(self) -> None:
         late = self._tick.restart() / 1000.0 - 0.020
         self.latency_max = max(self.latency_max, late)
+        self.latency_worst = max(self.latency_worst, late)
+
+    def reset_lag(self) -> None:
+        self.latency_worst = 0.0
 
     # -- measurements -----------------------------------------------------------------------
-    def measure(self) -> tuple[float, int, int, int, int, float, float, float, float]:
+    def snapshot(self) -> Snapshot:
         frames = self.frames.stats()
-        delivery = sum(q.stats().gui_seconds for q in self.qsubs)
-        return (
-            time.perf_counter(), self.last_seq, frames.delivered, frames.skipped,
-            self.view.painted, delivery, self.slot_seconds, self.view.paint_seconds,
-            time.thread_time(),
+        return Snapshot(
+            wall=time.perf_counter(),
+            published=self.last_seq,
+            delivered=frames.delivered,
+            skipped=frames.skipped,
+            painted=self.view.painted,
+            delivery=sum(q.stats().gui_seconds for q in self.qsubs),
+            slots=self.slot_seconds,
+            paint=self.view.paint_seconds,
+            lag=self.latency_worst,
         )
 
-    def rates(self, since: tuple[float, int, int, int, int, float, float, float, float],
-              now: tuple[float, int, int, int, int, float, float, float, float]
-              ) -> dict[str, float]:
-        dt = max(now[0] - since[0], 1e-9)
-        published = now[1] - since[1] if since[1] else 0
-        delivery = now[5] - since[5]
-        slots = now[6] - since[6]
+    @staticmethod
+    def rates(a: Snapshot, b: Snapshot) -> dict[str, float]:
+        """Frame rates (per second) and shares of the GUI thread's wall time (0..1)."""
+        dt = max(b.wall - a.wall, 1e-9)
         return {
             "seconds": dt,
-            "published_fps": published / dt,
-            "delivered_fps": (now[2] - since[2]) / dt,
-            "skipped_fps": (now[3] - since[3]) / dt,
-            "painted_fps": (now[4] - since[4]) / dt,
-            "vbus_share": (delivery - slots) / dt,  # delivery path minus our own slots
-            "delivery_share": delivery / dt,  # delivery path, our slots included
-            "paint_share": (now[7] - since[7]) / dt,
-            "gui_cpu_share": (now[8] - since[8]) / dt,
+            "published_fps": (b.published - a.published) / dt if a.published else 0.0,
+            "delivered_fps": (b.delivered - a.delivered) / dt,
+            "skipped_fps": (b.skipped - a.skipped) / dt,
+            "painted_fps": (b.painted - a.painted) / dt,
+            "vbus_share": (b.delivery - a.delivery - (b.slots - a.slots)) / dt,
+            "slots_share": (b.slots - a.slots) / dt,
+            "paint_share": (b.paint - a.paint) / dt,
+            "max_lag_ms": 1000 * b.lag,
         }
 
-    def _update_rates(self) -> None:
-        now = self.measure()
-        if self._rates_at is not None:
-            r = self.rates(self._rates_at, now)
+    def _show_rates(self) -> None:
+        now = self.snapshot()
+        if self._last is not None:
+            r = self.rates(self._last, now)
             self.rates_label.setText(
                 f"published {r['published_fps']:.0f}   delivered {r['delivered_fps']:.0f}   "
                 f"skipped {r['skipped_fps']:.0f}   painted {r['painted_fps']:.0f}"
             )
             self.gui_label.setText(
-                f"vbus {100 * r['vbus_share']:.1f} %   slots "
-                f"{100 * (r['delivery_share'] - r['vbus_share']):.1f} %   paint "
-                f"{100 * r['paint_share']:.1f} %   CPU {100 * r['gui_cpu_share']:.0f} %   "
-                f"max lag {1000 * self.latency_max:.0f} ms"
+                f"vbus {100 * r['vbus_share']:.1f} %   slots {100 * r['slots_share']:.1f} %   "
+                f"paint {100 * r['paint_share']:.1f} %   timer lag {r['max_lag_ms']:.0f} ms"
             )
-            self.latency_max = 0.0
-        self._rates_at = now
+            self.latency_max = 0.0  # per display period
+        self._last = now
 
     def closeEvent(self, event: QCloseEvent) -> None:
         for q in self.qsubs:
             q.close()
         self._pub.close()
         super().closeEvent(event)
+
+
+def summary(r: dict[str, float]) -> str:
+    return (
+        f"frames published {r['published_fps']:.0f}/s, delivered {r['delivered_fps']:.0f}/s, "
+        f"skipped {r['skipped_fps']:.0f}/s, painted {r['painted_fps']:.0f}/s; GUI thread: "
+        f"vbus {100 * r['vbus_share']:.1f} %, slots {100 * r['slots_share']:.1f} %, paint "
+        f"{100 * r['paint_share']:.1f} %; a 20 ms timer fired at most {r['max_lag_ms']:.0f} ms late"
+    )
 
 
 # -- the program ----------------------------------------------------------------------------
@@ -453,15 +510,19 @@ def run_gui_demo(duration: float | None = None) -> int:
             file=out, flush=True,
         )
         began = time.perf_counter()
-        marks: list[tuple[float, int, int, int, int, float, float, float, float]] = []
-        # Skip the first second (start-up, first paints) in the summary.
-        QTimer.singleShot(1000, lambda: marks.append(window.measure()))
+        marks: list[Snapshot] = []
+        # The summary leaves out the first second (start-up, first paints).
+        def mark() -> None:
+            window.reset_lag()
+            marks.append(window.snapshot())
+
+        QTimer.singleShot(1000, mark)
         if duration is not None:
             QTimer.singleShot(int(duration * 1000), window.close)
         try:
             app.exec()
         finally:
-            end = window.measure()
+            end = window.snapshot()
             window.close()
             instrument.stop()
             t0 = time.perf_counter()
@@ -471,16 +532,8 @@ def run_gui_demo(duration: float | None = None) -> int:
             sigint.deleteLater()
     total = time.perf_counter() - began
     if marks:
-        r = window.rates(marks[0], end)
-        print(
-            f"vbus demo --gui: {r['seconds']:.1f} s measured: frames published "
-            f"{r['published_fps']:.0f}/s, delivered {r['delivered_fps']:.0f}/s, skipped "
-            f"{r['skipped_fps']:.0f}/s, painted {r['painted_fps']:.0f}/s; GUI thread: vbus "
-            f"{100 * r['vbus_share']:.1f} %, slots "
-            f"{100 * (r['delivery_share'] - r['vbus_share']):.1f} %, paint "
-            f"{100 * r['paint_share']:.1f} %, CPU {100 * r['gui_cpu_share']:.0f} %",
-            file=out,
-        )
+        r = ViewerWindow.rates(marks[0], end)
+        print(f"vbus demo --gui: {r['seconds']:.1f} s measured: {summary(r)}", file=out)
     print(f"vbus demo --gui: ran {total:.1f} s; bus.close() took {1000 * closing:.1f} ms",
           file=out)
     return 0

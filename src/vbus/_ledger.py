@@ -9,11 +9,20 @@ from ._errors import DecodeError
 from ._topics import Pattern
 
 
-class RetainedStore:
-    """The latest retained message of each topic, as the frames to replay."""
+MAX_RETAINED_TOPICS = 100_000
+MAX_REPORTERS = 100_000
 
-    def __init__(self) -> None:
+
+class RetainedStore:
+    """The latest retained message of each topic, as the frames to replay.
+
+    At most ``limit`` topics: past that a new topic's value is refused (and counted), so a
+    careless or hostile publisher cannot grow the broker without bound."""
+
+    def __init__(self, limit: int = MAX_RETAINED_TOPICS) -> None:
         self._frames: dict[str, list[bytes]] = {}
+        self._limit = limit
+        self.refused = 0
 
     def __len__(self) -> int:
         return len(self._frames)
@@ -27,8 +36,11 @@ class RetainedStore:
             return False
         if env.flags & _wire.FLAG_CLEAR:
             self._frames.pop(env.topic, None)
-        else:
+        elif env.topic in self._frames or len(self._frames) < self._limit:
             self._frames[env.topic] = [original, *rest]
+        else:
+            self.refused += 1
+            return False
         return True
 
     def matching(self, pattern: Pattern) -> list[list[bytes]]:
@@ -48,6 +60,8 @@ class Ledger:
 
     def take(self, sender: bytes, report: _control.Report) -> None:
         book = self._publishers if report.kind == "publisher" else self._subscribers
+        if sender not in book and len(book) >= MAX_REPORTERS:
+            book.pop(next(iter(book)))  # the oldest reporter's counts give way
         book[sender] = report
 
     def snapshot(self, now: float, forwarder: dict[str, int], subscribers: int) -> dict[str, Any]:

@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import logging
 import secrets
+import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from . import _control, _wire
 from ._errors import DecodeError, TopicError
 from ._ledger import Ledger, RetainedStore
+from ._seq import BurstLog
 from ._threads import Started, block_signals
 from ._topics import Pattern, compile_pattern
 from ._waker import Waker
@@ -25,6 +28,7 @@ from ._waker import Waker
 log = logging.getLogger("vbus.broker")
 
 STATS_PERIOD = 1.0
+MAX_PENDING_WANTS = 10_000
 _SUBSCRIBE, _UNSUBSCRIBE = b"\x01", b"\x00"
 
 
@@ -36,6 +40,7 @@ class BrokerService:
         publish_endpoint: str,
         subscribe_endpoint: str,
         forwarder_stats: Callable[[], dict[str, int]],
+        monitors: Sequence[str] = (),
     ) -> None:
         self._context = context
         self._id = broker_id
@@ -43,6 +48,9 @@ class BrokerService:
         self._publish_endpoint = publish_endpoint
         self._subscribe_endpoint = subscribe_endpoint
         self._forwarder_stats = forwarder_stats
+        self._monitor_endpoints = monitors
+        self.peers = {"accepted": 0, "disconnected": 0, "rejected": 0}
+        self._rejections = BurstLog(log, "broker refused a network peer")
         self.waker = Waker()
         self.subscribers: set[bytes] = set()
         self.retained = RetainedStore()
@@ -53,9 +61,12 @@ class BrokerService:
         block_signals()
         ctx = self._context
         out, into = ctx.socket(zmq.XPUB), ctx.socket(zmq.SUB)
+        monitors = [ctx.socket(zmq.PAIR) for _ in self._monitor_endpoints]
         try:
-            for sock in (out, into):
+            for sock in (out, into, *monitors):
                 sock.linger = 0
+            for sock, endpoint in zip(monitors, self._monitor_endpoints):
+                sock.connect(endpoint)
             into.rcvhwm = 100_000  # retained copies and reports: room for long bursts
             out.connect(self._publish_endpoint)
             into.subscribe(_control.RETAIN)
@@ -66,19 +77,21 @@ class BrokerService:
             poller.register(out, zmq.POLLIN)
             poller.register(into, zmq.POLLIN)
             poller.register(self.waker.fileno(), zmq.POLLIN)
+            for sock in monitors:
+                poller.register(sock, zmq.POLLIN)
         except BaseException as exc:
-            out.close(0)
-            into.close(0)
+            for sock in (out, into, *monitors):
+                sock.close(0)
             started.fail(exc)
             return
         started.ok(None)
         try:
-            self._serve(poller, out, into)
+            self._serve(poller, out, into, monitors)
         except zmq.ZMQError as exc:
             log.error("broker %s: service thread failed: %s", self._id, exc)
         finally:
-            out.close(0)
-            into.close(0)
+            for sock in (out, into, *monitors):
+                sock.close(0)
 
     def _confirm_own_subscription(self, out: zmq.Socket[bytes], into: zmq.Socket[bytes]) -> None:
         # Our SUB is a subscriber like any other: wait until the forwarder applies it, or a
@@ -96,7 +109,8 @@ class BrokerService:
                 return
         raise TimeoutError("the broker's service could not subscribe to its own forwarder")
 
-    def _serve(self, poller: zmq.Poller, out: zmq.Socket[bytes], into: zmq.Socket[bytes]) -> None:
+    def _serve(self, poller: zmq.Poller, out: zmq.Socket[bytes], into: zmq.Socket[bytes],
+               monitors: list[zmq.Socket[bytes]]) -> None:
         waker = self.waker.fileno()
         next_stats = time.monotonic() + STATS_PERIOD
         while True:
@@ -108,6 +122,9 @@ class BrokerService:
                 self._drain_data(into)
             if out in events:
                 self._drain_subscriptions(out, into)
+            for sock in monitors:
+                if sock in events:
+                    self._drain_monitor(sock)
             if time.monotonic() >= next_stats:
                 next_stats += STATS_PERIOD
                 self._publish_stats(out)
@@ -125,6 +142,23 @@ class BrokerService:
                 self.retained.take(first, rest)
             elif first.startswith(_control.REPORT):
                 self._take_report(first)
+
+    def _drain_monitor(self, sock: zmq.Socket[bytes]) -> None:
+        while True:
+            try:
+                event = parse_monitor_message(sock.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                return
+            except (ValueError, struct.error):
+                continue
+            kind = event["event"]
+            if kind == zmq.EVENT_ACCEPTED:
+                self.peers["accepted"] += 1
+            elif kind == zmq.EVENT_DISCONNECTED:
+                self.peers["disconnected"] += 1
+            else:
+                self.peers["rejected"] += 1
+                self._rejections.event(1, f"{_event_name(kind)} on {event['endpoint']!r}")
 
     def _take_report(self, first: bytes) -> None:
         try:
@@ -156,7 +190,9 @@ class BrokerService:
                     try:
                         self._wants[want[0]] = compile_pattern(want[1])
                     except TopicError:
-                        pass
+                        continue
+                    if len(self._wants) > MAX_PENDING_WANTS:  # requests nobody confirmed
+                        self._wants.pop(next(iter(self._wants)))
                 else:
                     self._wants.pop(want[0], None)
 
@@ -177,6 +213,8 @@ class BrokerService:
 
     def _publish_stats(self, out: zmq.Socket[bytes]) -> None:
         stats = self._ledger.snapshot(time.time(), self._forwarder_stats(), len(self.subscribers))
+        stats["peers"] = dict(self.peers)
+        stats["retained"] = len(self.retained)
         frame = _control.control_frame(
             _control.STATS_TOPIC.encode(), self._sender, payload=_control.stats_payload(stats)
         )
@@ -184,3 +222,10 @@ class BrokerService:
             out.send(frame, zmq.NOBLOCK)
         except zmq.Again:
             pass  # a stats message is superseded by the next one a second later
+
+
+def _event_name(kind: int) -> str:
+    try:
+        return zmq.Event(kind).name or str(kind)
+    except ValueError:
+        return str(kind)

@@ -19,7 +19,7 @@ import secrets
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import msgspec
@@ -36,6 +36,8 @@ from ._waker import Waker
 log = logging.getLogger("vbus.subscriber")
 
 Raw = tuple[bytes, list[zmq.Frame]]
+LossHook = Callable[[str, str, int], object]
+"""``on_loss(topic, sender, count)``: called in the receiving thread when a gap is found."""
 
 
 class SubscriberStats(msgspec.Struct, frozen=True):
@@ -124,9 +126,11 @@ class Subscriber:
         early: list[Raw],
         *,
         type: Any = None,
+        on_loss: LossHook | None = None,
         owner: Any = None,
     ) -> None:
         self._sock = sock
+        self._on_loss = on_loss
         self._pattern = pattern
         self._match = pattern.matches
         self._ready = ready
@@ -232,6 +236,8 @@ class Subscriber:
             if lost:
                 self._loss_log.event(lost, f"{lost} message(s) on {topic!r} from {sender}")
                 self._report_loss()
+                if self._on_loss is not None:
+                    self._call_loss_hook(topic, sender, lost)
         try:
             external = rest[0].buffer if rest else None
             data = _wire.decode_payload(
@@ -247,6 +253,13 @@ class Subscriber:
         return Message(
             topic, data, sender, env.seq, env.time, bool(env.flags & _wire.FLAG_RETAINED)
         )
+
+    def _call_loss_hook(self, topic: str, sender: str, lost: int) -> None:
+        try:
+            self._on_loss(topic, sender, lost)  # type: ignore[misc]
+        except Exception as exc:
+            self._errors += 1
+            self._error_log.event(1, f"on_loss hook raised {exc!r}", exc_info=exc)
 
     def _already_replayed(self, sender: bytes, topic: str, seq: int) -> bool:
         # The seam between replayed retained values and live traffic: a live message the
