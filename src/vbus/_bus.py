@@ -199,9 +199,11 @@ class Bus:
             reporter = self._reporter
         try:
             if reporter is None:
-                sock = connect_publisher(
-                    self._context, self._endpoints.publish, self._timeout, self._hwm
-                )
+                # No readiness wait: this runs in receiving threads and on the loop, where it
+                # must not block. A report sent before the broker took us is simply skipped.
+                sock = self._context.socket(zmq.XPUB)
+                sock.linger = 0
+                sock.connect(self._endpoints.publish)
                 with self._lock:
                     if self._reporter is None and self._state is _State.OPEN:
                         self._reporter = Publisher(sock)

@@ -178,8 +178,8 @@ class BrokerService:
             if body.startswith(_control.READY) and body.endswith(b"\0"):
                 token = body[len(_control.READY) : -1]
                 if change == _SUBSCRIBE and token.isascii():
+                    self.subscribers.add(token)  # before the reply: counted once confirmed
                     self._confirm(out, into, token)
-                    self.subscribers.add(token)
                 elif change == _UNSUBSCRIBE:
                     self.subscribers.discard(token)
             elif body.startswith(_control.WANT):

@@ -36,6 +36,7 @@ from ._waker import Waker
 log = logging.getLogger("vbus.subscriber")
 
 Raw = tuple[bytes, list[zmq.Frame]]
+YIELD_EVERY = 64
 LossHook = Callable[[str, str, int], object]
 """``on_loss(topic, sender, count)``: called in the receiving thread when a gap is found."""
 
@@ -391,6 +392,7 @@ class AsyncSubscriber(Subscriber):
     """
 
     _armed: tuple[asyncio.AbstractEventLoop, tuple[int, int], asyncio.Future[None]] | None = None
+    _streak = 0
 
     async def recv(self, timeout: float | None = None) -> Message:  # type: ignore[override]
         """The next message. TimeoutError after ``timeout`` s; Closed once closed."""
@@ -400,7 +402,13 @@ class AsyncSubscriber(Subscriber):
             while True:
                 msg = self._next_queued()
                 if msg is not None:
+                    self._streak += 1
+                    if self._streak >= YIELD_EVERY:
+                        # A flood never waits: let the loop's other tasks run now and then.
+                        self._streak = 0
+                        await asyncio.sleep(0)
                     return msg
+                self._streak = 0
                 if deadline.expired():
                     raise TimeoutError(f"no message on {self._pattern.text!r} within {timeout} s")
                 await self._wait_async(deadline)
@@ -440,11 +448,12 @@ class AsyncSubscriber(Subscriber):
                 woken.set_result(None)
 
     def _close_from_receiver_thread(self) -> None:
-        # Another task on the receiver's loop closes us while recv() awaits: the waiting task
-        # is suspended, so the socket can be closed now, after its fds leave the loop.
-        if self._armed is not None:
-            self._disarm()
-            self._finish_close()
+        # Another task on the receiver's loop closes us while recv() is suspended at an await
+        # (waiting, or yielding during a flood): nothing is inside ZeroMQ, so the socket can
+        # be closed now, once its fds have left the loop. The suspended recv() then finds
+        # the subscriber closed.
+        self._disarm()
+        self._finish_close()
 
     def __iter__(self) -> Iterator[Message]:
         raise TypeError("AsyncSubscriber: use 'async for', not 'for'")

@@ -67,8 +67,9 @@ def is_current(thread: threading.Thread | None) -> bool:
 
 
 def join(thread: threading.Thread | None, deadline: Deadline) -> bool:
-    """Join unless it is the calling thread; return True if it has ended."""
-    if thread is None or is_current(thread) or thread.ident is None:
-        return thread is None or thread.ident is None or not thread.is_alive()
+    """Join ``thread``; True if it has ended, or is the caller (which cannot join itself and
+    ends when it returns)."""
+    if thread is None or thread.ident is None or is_current(thread):
+        return True
     thread.join(deadline.remaining())
     return not thread.is_alive()

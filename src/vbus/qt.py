@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 from collections import deque
@@ -31,6 +32,7 @@ from collections.abc import Callable
 from typing import Any
 
 import msgspec
+import PySide6
 from PySide6.QtCore import QCoreApplication, QObject, QSocketNotifier, Signal, SignalInstance
 
 from ._bus import DEFAULT_HWM, Bus
@@ -39,7 +41,7 @@ from ._message import Message
 from ._publisher import AsyncPublisher, Publisher
 from ._seq import BurstLog
 from ._subscriber import Subscriber
-from ._threads import Deadline, join
+from ._threads import Deadline
 from ._topics import validate_topic
 
 __all__ = ["QtSubscriber", "QtSubscriberStats", "forward"]
@@ -50,6 +52,52 @@ log = logging.getLogger("vbus.qt")
 # waits for the next pass, so paint and input events are served in between.
 DELIVERY_BUDGET = 0.005
 STOP_TIMEOUT = 1.0
+
+
+class _Probe(QObject):
+    ping = Signal()
+
+
+def _join(thread: threading.Thread, deadline: Deadline) -> bool:
+    """Join unless it is the calling thread or never started; True once it has ended.
+    (Not current_thread(): in a QThread that would register a dummy Thread for good.)"""
+    if thread.ident is not None and thread.ident != threading.get_ident():
+        thread.join(deadline.remaining())
+    return not thread.is_alive()
+
+
+def _binding_defect() -> str | None:
+    """Why this PySide6 cannot run a Qt application on this Python, or None.
+
+    PySide6 6.12 drops a reference to ``None`` on every call of a method returning nothing and
+    one to ``True`` on every ``emit()`` when it runs on Python 3.10 or 3.11, whose ``None``
+    and ``True`` are not immortal (PEP 683 made them so in 3.12): a GUI then aborts the
+    interpreter within seconds or minutes ("deallocating None" / "deallocating True or
+    False"). Measured, not inferred from version numbers.
+    """
+    if sys.version_info >= (3, 12):
+        return None
+    probe = _Probe()
+    calls = 64
+    none_before, true_before = sys.getrefcount(None), sys.getrefcount(True)
+    for _ in range(calls):
+        probe.setObjectName("vbus-probe")
+        probe.ping.emit()
+    lost_none = none_before - sys.getrefcount(None)
+    lost_true = true_before - sys.getrefcount(True)
+    if lost_none < calls // 2 and lost_true < calls // 2:
+        return None
+    return (
+        f"PySide6 {PySide6.__version__} on Python {sys.version_info[0]}.{sys.version_info[1]} "
+        f"loses a reference to None or True on each call ({lost_none} and {lost_true} in "
+        f"{calls} calls), which aborts the interpreter after a while; use PySide6 < 6.12 with "
+        "Python < 3.12 (pip install 'PySide6-Essentials<6.12'), or Python 3.12+"
+    )
+
+
+_DEFECT = _binding_defect()
+if _DEFECT is not None:
+    raise ImportError(f"vbus.qt: {_DEFECT}")
 
 
 class QtSubscriberStats(msgspec.Struct, frozen=True):
@@ -141,7 +189,11 @@ class _Relay:
         self.quit_slot: Callable[[], None] | None = None
         self.loss_log = BurstLog(log, f"QtSubscriber {self.pattern!r}: the GUI is behind")
         self.wake = _Wake()
-        self.thread = threading.Thread(target=self.run, name=f"vbus-qt-{self.pattern}")
+        # daemon=False given: else Thread() asks current_thread(), which leaves a dummy Thread
+        # behind in a QThread
+        self.thread = threading.Thread(
+            target=self.run, name=f"vbus-qt-{self.pattern}", daemon=False
+        )
 
     # -- the worker thread ------------------------------------------------------------------
     def run(self) -> None:
@@ -219,7 +271,7 @@ class _Relay:
         if self.released:
             return
         self.closing = True
-        if not join(self.thread, deadline):
+        if not _join(self.thread, deadline):
             log.warning(
                 "QtSubscriber %r: thread %s did not end in time; leaving it",
                 self.pattern, self.thread.name,
@@ -320,8 +372,8 @@ class QtSubscriber(QObject):
 
     @property
     def closed(self) -> bool:
-        """True once closing began: nothing more is emitted."""
-        return self._relay.closing
+        """True once stopped: subscriber closed, thread joined, nothing more is emitted."""
+        return self._relay.released
 
     @property
     def delivered(self) -> int:
