@@ -18,8 +18,8 @@ import msgspec
 import zmq
 
 from ._broker import MAX_MESSAGE_SIZE, Broker
-from ._endpoints import AddressError, parse_address
 from ._control import Report, report_frame
+from ._endpoints import AddressError, parse_address
 from ._errors import Closed, ConnectError, VbusError
 from ._loop import BackgroundLoop
 from ._message import Message

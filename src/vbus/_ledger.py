@@ -8,7 +8,6 @@ from . import _control, _wire
 from ._errors import DecodeError
 from ._topics import Pattern
 
-
 MAX_RETAINED_TOPICS = 100_000
 MAX_REPORTERS = 100_000
 

@@ -65,7 +65,7 @@ class BrokerService:
         try:
             for sock in (out, into, *monitors):
                 sock.linger = 0
-            for sock, endpoint in zip(monitors, self._monitor_endpoints):
+            for sock, endpoint in zip(monitors, self._monitor_endpoints, strict=True):
                 sock.connect(endpoint)
             into.rcvhwm = 100_000  # retained copies and reports: room for long bursts
             out.connect(self._publish_endpoint)

@@ -102,6 +102,7 @@ def compile_pattern(pattern: str) -> Pattern:
             )
         _check_level("pattern", pattern, level, i, first=i == 0)
 
+    levels = _collapse_double_stars(levels)  # '**/**' means what '**' means
     wild = [i for i, level in enumerate(levels) if level in ("*", "**")]
     if not wild:
         return Pattern(pattern, (topic_prefix(pattern),), None)
@@ -114,19 +115,62 @@ def compile_pattern(pattern: str) -> Pattern:
     else:
         prefixes = (head.encode("ascii") + b"/",)
         if levels[first] == "**" and first == len(levels) - 1:
-            # 'a/**' also matches 'a' itself (zero levels).
-            prefixes = (topic_prefix(head), *prefixes)
-            return Pattern(pattern, prefixes, None)
+            # 'a/**' also matches 'a' itself (zero levels); the prefixes say it all.
+            return Pattern(pattern, (topic_prefix(head), *prefixes), None)
 
-    regex = re.compile("".join(_level_regex(level) for level in levels))
     reserved_ok = first > 0 or pattern.startswith(RESERVED_PREFIX)
+    if levels.count("**") <= 1:
+        # One '**' at most: a regex, whose backtracking stays linear in the topic's levels.
+        regex = re.compile("".join(_level_regex(level) for level in levels))
+
+        def full_match(topic: str) -> bool:
+            return regex.fullmatch("/" + topic) is not None
+    else:
+        def full_match(topic: str) -> bool:
+            return _match_levels(levels, topic.split("/"))
 
     def matches(topic: str) -> bool:
         if not reserved_ok and topic.startswith(RESERVED_PREFIX):
             return False
-        return regex.fullmatch("/" + topic) is not None
+        return full_match(topic)
 
     return Pattern(pattern, prefixes, matches)
+
+
+def _collapse_double_stars(levels: list[str]) -> list[str]:
+    out: list[str] = []
+    for level in levels:
+        if not (level == "**" and out and out[-1] == "**"):
+            out.append(level)
+    return out
+
+
+def _match_levels(pattern: list[str], topic: list[str]) -> bool:
+    """Glob matching over levels in O(len(pattern) * len(topic)): a set of positions in the
+    pattern advances one topic level at a time, so no input makes it backtrack."""
+    end = len(pattern)
+
+    def closure(states: set[int]) -> set[int]:
+        for p in list(states):
+            while p < end and pattern[p] == "**":  # '**' may match zero levels
+                p += 1
+                states.add(p)
+        return states
+
+    states = closure({0})
+    for level in topic:
+        advanced: set[int] = set()
+        for p in states:
+            if p == end:
+                continue
+            if pattern[p] == "**":
+                advanced.add(p)
+            elif pattern[p] == "*" or pattern[p] == level:
+                advanced.add(p + 1)
+        if not advanced:
+            return False
+        states = closure(advanced)
+    return end in states
 
 
 def _level_regex(level: str) -> str:

@@ -78,8 +78,8 @@ def encode_payload(data: Any, encoder: msgspec.msgpack.Encoder) -> Payload:
         return _encode_ndarray(data, encoder, numpy)
     try:
         return Payload(KIND_MSGPACK, encoder.encode(data))
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise EncodeError(f"cannot encode payload of type {type(data).__name__}: {exc}") from None
+    except (TypeError, ValueError, OverflowError, RecursionError) as exc:
+        raise EncodeError(f"cannot encode payload of type {type(data).__name__}: {exc!r}") from None
 
 
 def _encode_ndarray(array: Any, encoder: msgspec.msgpack.Encoder, numpy: Any) -> Payload:
@@ -87,7 +87,8 @@ def _encode_ndarray(array: Any, encoder: msgspec.msgpack.Encoder, numpy: Any) ->
         raise EncodeError(f"numpy arrays of dtype {array.dtype} (Python objects) cannot be sent")
     if not array.flags.c_contiguous:
         array = numpy.ascontiguousarray(array)
-    descr = array.dtype.str if array.dtype.fields is None else array.dtype.descr
+    # The .npy format's description keeps padding, offsets, nesting and titles.
+    descr = numpy.lib.format.dtype_to_descr(array.dtype)
     meta = encoder.encode((descr, array.shape))
     # reshape(-1) of a C-contiguous array is a view: the frame shares the array's memory.
     return Payload(KIND_NDARRAY, meta, array.reshape(-1).view(numpy.uint8).data)
@@ -155,8 +156,10 @@ def decode_payload(
         return _decode_ndarray(inline, external)
     except msgspec.ValidationError as exc:
         raise DecodeError(f"payload does not match the requested type: {exc}") from None
-    except msgspec.DecodeError as exc:
-        raise DecodeError(f"malformed payload: {exc}") from None
+    except DecodeError:
+        raise
+    except Exception as exc:  # hostile input must not escape as anything but DecodeError
+        raise DecodeError(f"malformed payload: {exc!r}") from None
 
 
 _META_DECODER = msgspec.msgpack.Decoder(tuple[Any, tuple[int, ...]])
@@ -171,7 +174,25 @@ def _decode_ndarray(meta: memoryview, data: memoryview | None) -> Any:
         raise DecodeError("received a numpy array but numpy is not installed") from None
     descr, shape = _META_DECODER.decode(meta)
     try:
-        dtype = numpy.dtype(descr if isinstance(descr, str) else [tuple(f) for f in descr])
+        dtype = numpy.lib.format.descr_to_dtype(_tuples(descr))
+        if dtype.itemsize == 0:  # numpy cannot count zero-size items in a buffer
+            if data.nbytes:
+                raise ValueError(f"{data.nbytes} bytes of data for items of size 0")
+            return numpy.empty(shape, dtype=dtype)
         return numpy.frombuffer(data, dtype=dtype).reshape(shape)
-    except (TypeError, ValueError) as exc:
-        raise DecodeError(f"bad array metadata {descr!r} {shape!r}: {exc}") from None
+    except Exception as exc:  # numpy raises SyntaxError, among others, for hostile dtypes
+        raise DecodeError(f"bad array metadata {descr!r} {shape!r}: {exc!r}") from None
+
+
+def _tuples(descr: Any) -> Any:
+    # msgpack turns the description's tuples into lists; descr_to_dtype wants them back.
+    if not isinstance(descr, list):
+        return descr  # a type string, or the dict form of aligned and offset dtypes
+    fields = []
+    for name, fmt, *shape in descr:
+        fields.append((
+            tuple(name) if isinstance(name, list) else name,
+            _tuples(fmt),
+            *(tuple(s) if isinstance(s, list) else s for s in shape),
+        ))
+    return fields

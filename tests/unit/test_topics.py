@@ -219,11 +219,17 @@ def test_any_bad_character_is_named(parts: list[str], data: st.DataObject, bad: 
 @example("a//b")
 @example("**/$x")
 def test_arbitrary_text_is_accepted_or_raises_topic_error(text: str) -> None:
-    for check in (validate_topic, compile_pattern):
-        try:
-            check(text)
-        except TopicError:
-            pass
+    try:
+        assert validate_topic(text) == text
+    except TopicError as exc:
+        assert str(exc)
+    try:
+        compiled = compile_pattern(text)
+    except TopicError as exc:
+        assert str(exc)
+    else:
+        assert compiled.text == text
+        assert compiled.prefixes
 
 
 @given(st.text(alphabet=LEVEL_CHARS + "/$", max_size=30))
@@ -382,20 +388,6 @@ def test_pattern_is_immutable() -> None:
 # -- matching: properties against the reference ------------------------------------------------
 
 
-def hits_double_star_tail_bug(pattern: str, topic: str) -> bool:
-    """The one case the xfail test below documents: ``head/**/**`` hides ``head`` itself.
-
-    Remove this helper (and its uses) once compile_pattern is fixed.
-    """
-    plevels = pattern.split("/")
-    wild = [i for i, level in enumerate(plevels) if level in ("*", "**")]
-    if not wild or wild[0] == 0:
-        return False
-    tail = plevels[wild[0] :]
-    head = "/".join(plevels[: wild[0]])
-    return len(tail) >= 2 and all(level == "**" for level in tail) and topic == head
-
-
 def prefixes_admit(pattern: Pattern, topic: str) -> bool:
     wire = topic.encode() + b"\0"
     return any(wire.startswith(prefix) for prefix in pattern.prefixes)
@@ -406,8 +398,7 @@ def test_match_agrees_with_reference(pattern: str, topic: str) -> None:
     compiled = compile_pattern(pattern)
     expected = ref_match(pattern, topic)
     assert compiled.match(topic) is expected
-    if not hits_double_star_tail_bug(pattern, topic):
-        assert zmq_delivers(compiled, topic) is expected
+    assert zmq_delivers(compiled, topic) is expected
 
 
 @given(pattern_and_matching_topic())
@@ -416,47 +407,31 @@ def test_instantiated_patterns_match(pair: tuple[str, str]) -> None:
     assert ref_match(pattern, topic)
     compiled = compile_pattern(pattern)
     assert compiled.match(topic)
-    if not hits_double_star_tail_bug(pattern, topic):
-        assert zmq_delivers(compiled, topic)
+    assert zmq_delivers(compiled, topic)
 
 
 @given(pattern_and_matching_topic())
 def test_prefixes_never_hide_a_matching_message(pair: tuple[str, str]) -> None:
     pattern, topic = pair
     compiled = compile_pattern(pattern)
-    if not hits_double_star_tail_bug(pattern, topic):
-        assert prefixes_admit(compiled, topic), (pattern, topic, compiled.prefixes)
+    assert prefixes_admit(compiled, topic), (pattern, topic, compiled.prefixes)
 
 
 @given(patterns, topics)
 def test_prefixes_are_sound_for_random_pairs(pattern: str, topic: str) -> None:
     compiled = compile_pattern(pattern)
-    if compiled.match(topic) and not hits_double_star_tail_bug(pattern, topic):
+    if compiled.match(topic):
         assert prefixes_admit(compiled, topic), (pattern, topic, compiled.prefixes)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: compile_pattern('a/**/**') subscribes only b'a/' although the pattern "
-    "matches 'a' (every '**' taking zero levels): ZeroMQ's prefix filter hides 'a' "
-    "(only a single trailing '**' gets the extra b'a\\0' prefix)",
-)
 @pytest.mark.parametrize(
     ("pattern", "topic"),
     [("a/**/**", "a"), ("a/b/**/**/**", "a/b"), ("$vbus/**/**", "$vbus")],
 )
 def test_prefixes_admit_head_of_consecutive_trailing_double_stars(pattern: str, topic: str) -> None:
     compiled = compile_pattern(pattern)
-    assert compiled.match(topic)  # passes: the exact predicate is right
-    assert prefixes_admit(compiled, topic)  # fails: the ZeroMQ subscription is not
-
-
-def test_double_star_tail_bug_helper_is_narrow() -> None:
-    assert hits_double_star_tail_bug("a/**/**", "a")
-    assert not hits_double_star_tail_bug("a/**/**", "a/b")
-    assert not hits_double_star_tail_bug("a/**", "a")
-    assert not hits_double_star_tail_bug("**/**", "a")
-    assert not hits_double_star_tail_bug("a/**/*", "a")
+    assert compiled.match(topic)
+    assert prefixes_admit(compiled, topic)
 
 
 @given(st.lists(levels, min_size=1, max_size=5), st.lists(levels, min_size=1, max_size=3))
@@ -468,12 +443,7 @@ def test_exact_pattern_never_matches_longer_names(base: list[str], extra: list[s
     assert not compiled.match(name + extra[0])
 
 
-@pytest.mark.timeout(5)
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: compile_pattern builds a backtracking regex, so Pattern.match costs O(n**k) "
-    "for k '**' levels on an n-level topic (4x '**' on a valid 512-level topic: ~100 s)",
-)
+@pytest.mark.timeout(2)
 def test_match_time_is_not_exponential_in_double_star_count() -> None:
     compiled = compile_pattern("**/**/**/**/z")
     topic = validate_topic("/".join(["a"] * 512))  # a valid topic of 1023 characters
