@@ -8,8 +8,9 @@ import sys
 import textwrap
 import time
 
-import vbus
 from tests.conftest import LeakCheck
+
+import vbus
 
 
 def _child(code: str) -> subprocess.Popen[str]:

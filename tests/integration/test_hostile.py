@@ -12,9 +12,9 @@ import pytest
 import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tests.conftest import LeakCheck
 
 import vbus
-from tests.conftest import LeakCheck
 from vbus import _wire
 from vbus._endpoints import parse_address
 

@@ -6,10 +6,10 @@ import socket
 import time
 
 import pytest
-
-import vbus
 from tests.conftest import LeakCheck
 from tests.integration.brokerproc import BrokerProcess
+
+import vbus
 
 
 def _free_port_pair() -> int:
