@@ -9,6 +9,13 @@ from ._endpoints import AddressError
 from ._errors import Closed, ConnectError, DecodeError, EncodeError, TopicError, VbusError
 from ._message import Message
 from ._publisher import AsyncPublisher, Publisher, PublisherStats
+from ._security import (
+    Keypair,
+    SecurityError,
+    generate_keypair,
+    load_keypair,
+    load_public_key,
+)
 from ._subscriber import AsyncSubscriber, Subscriber, SubscriberStats
 
 __version__ = "0.1.0"
@@ -23,12 +30,17 @@ __all__ = [
     "ConnectError",
     "DecodeError",
     "EncodeError",
+    "Keypair",
     "Message",
     "Publisher",
     "PublisherStats",
+    "SecurityError",
     "Subscriber",
     "SubscriberStats",
     "TopicError",
     "VbusError",
     "connect",
+    "generate_keypair",
+    "load_keypair",
+    "load_public_key",
 ]

@@ -18,6 +18,7 @@ import msgspec
 import zmq
 
 from ._endpoints import AddressError, Endpoints, parse_address, tcp_with_port
+from ._security import ZAP_ENDPOINT, ServerSecurity
 from ._service import BrokerService
 from ._threads import Deadline, Started, block_signals, join
 
@@ -49,26 +50,44 @@ class Broker:
     """Starts on construction (returns when both threads serve); ``stop()`` ends it."""
 
     def __init__(self, context: zmq.Context[zmq.Socket[bytes]], binds: Sequence[str] = (),
-                 *, hwm: int = 10_000, max_message_size: int = MAX_MESSAGE_SIZE) -> None:
+                 *, hwm: int = 10_000, max_message_size: int = MAX_MESSAGE_SIZE,
+                 security: ServerSecurity | None = None) -> None:
         self.id = secrets.token_hex(4)
         self._context = context
+        self._security = security
         self._hwm = hwm
         self._max_message_size = max_message_size
         self.inproc = parse_address(f"inproc://vbus-{self.id}")
         self._control = f"inproc://vbus-{self.id}.control"
         wanted = [parse_address(b) for b in binds]
+        zap = None
+        if security is not None:
+            # Bound before any network endpoint exists, so no connection can slip in
+            # unauthenticated; from then on it belongs to the service thread.
+            zap = context.socket(zmq.REP)
+            zap.linger = 0
+            try:
+                zap.bind(ZAP_ENDPOINT)
+            except zmq.ZMQError as exc:
+                zap.close(0)
+                raise AddressError(f"cannot serve authentication: {exc.strerror}") from None
 
         started: Started[list[Endpoints]] = Started()
         self._proxy = threading.Thread(
             target=self._run_proxy, args=(wanted, started), name=f"vbus-broker-{self.id}"
         )
         self._proxy.start()
-        self.endpoints = started.wait(_START_TIMEOUT, "the broker")
+        try:
+            self.endpoints = started.wait(_START_TIMEOUT, "the broker")
+        except BaseException:
+            if zap is not None:
+                zap.close(0)
+            raise
 
         monitors = [self._monitor(side) for side in ("publish", "subscribe")] if wanted else []
         self.service = BrokerService(
             context, self.id, self.inproc.publish, self.inproc.subscribe, self._forwarder_counts,
-            monitors,
+            monitors, zap, security.authorizer if security is not None else None,
         )
         service_started: Started[None] = Started()
         self._service = threading.Thread(
@@ -94,6 +113,8 @@ class Broker:
             for sock in (front, back):
                 # Network peers only: ZeroMQ drops the connection of a peer that sends more.
                 sock.maxmsgsize = self._max_message_size
+                if self._security is not None:
+                    self._security.apply(sock)  # network endpoints only: inproc has no handshake
             front.bind(self.inproc.publish)
             back.bind(self.inproc.subscribe)
             control.bind(self._control)

@@ -16,11 +16,19 @@ from typing import Any, TypeVar, overload
 
 import msgspec
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from ._broker import MAX_MESSAGE_SIZE, Broker
 from ._control import Report, report_frame
-from ._endpoints import AddressError, parse_address
+from ._endpoints import AddressError, is_loopback, parse_address
 from ._errors import Closed, ConnectError, VbusError
+from ._security import (
+    Authorized,
+    ClientSecurity,
+    Keypair,
+    client_security,
+    server_security,
+)
 from ._loop import BackgroundLoop
 from ._message import Message
 from ._publisher import LINGER, AsyncPublisher, Publisher, PublisherStats, connect_publisher
@@ -78,21 +86,31 @@ class Bus:
         hwm: int = DEFAULT_HWM,
         timeout: float = DEFAULT_TIMEOUT,
         max_message_size: int = MAX_MESSAGE_SIZE,
+        keypair: Keypair | None = None,
+        authorized: Authorized | None = None,
     ) -> None:
         """``hwm``: queue bound (messages) of each publisher and subscriber and of the broker
         per subscriber. ``timeout``: how long readiness handshakes may take. ``max_message_size``
         (bytes): the largest message a network peer may send the broker; a peer that sends
-        more is disconnected. In-process traffic has no such limit."""
+        more is disconnected. In-process traffic has no such limit. ``keypair`` and
+        ``authorized`` (public keys, or a directory of ``*.pub`` files) make every network
+        endpoint speak CURVE and admit only those keys."""
         if max_message_size < 1:
             raise ValueError(f"max_message_size must be positive, not {max_message_size}")
+        security = server_security(keypair, authorized)
         binds = [bind] if isinstance(bind, str) else list(bind or ())
         for b in binds:
-            if parse_address(b).address.startswith("inproc://"):
+            endpoints = parse_address(b)
+            if endpoints.address.startswith("inproc://"):
                 raise AddressError(f"bind {b!r}: in-process access needs no bind")
+            if security is None and not is_loopback(endpoints):
+                log.warning("vbus: %s is open to the network without keys: anyone who can "
+                            "reach it can read and publish (see docs/security.md)", b)
         self._setup(hwm, timeout, zmq.Context(), owns_context=True)
         try:
             self._broker: Broker | None = Broker(
-                self._context, binds, hwm=hwm, max_message_size=max_message_size
+                self._context, binds, hwm=hwm, max_message_size=max_message_size,
+                security=security,
             )
         except BaseException:
             self._context.term()
@@ -104,7 +122,8 @@ class Bus:
         _register(self)
 
     @classmethod
-    def _client(cls, address: str, timeout: float, hwm: int) -> Bus:
+    def _client(cls, address: str, timeout: float, hwm: int,
+                security: ClientSecurity | None = None) -> Bus:
         endpoints = parse_address(address)
         if endpoints.address.endswith(":0"):
             raise AddressError(f"connect {address!r}: port 0 is only for bind")
@@ -117,13 +136,15 @@ class Bus:
         self._broker = None
         self._endpoints = endpoints
         self._address = endpoints.address
+        self._configure = security.apply if security is not None and owner is None else None
         try:
-            connect_publisher(context, endpoints.publish, timeout, hwm).close(0)
-        except ConnectError:
+            failure = _probe(context, endpoints.publish, timeout, self._configure)
+        except BaseException:
             self._terminate_context(Deadline(1.0))
-            raise ConnectError(
-                f"no vbus broker answered at {address} within {timeout:g} s"
-            ) from None
+            raise
+        if failure is not None:
+            self._terminate_context(Deadline(1.0))
+            raise ConnectError(failure.format(address=address, timeout=timeout))
         if owner is not None:
             owner._inproc_clients.add(self)
         _register(self)
@@ -137,6 +158,7 @@ class Bus:
             raise ValueError(f"timeout must be positive, not {timeout}")
         self._hwm = hwm
         self._timeout = timeout
+        self._configure: Callable[[zmq.Socket[bytes]], None] | None = None
         self._context = context
         self._owns_context = owns_context
         self._lock = threading.Lock()
@@ -188,7 +210,8 @@ class Bus:
 
     def _publisher(self, cls: type[Publisher]) -> Any:
         self._check_open()
-        sock = connect_publisher(self._context, self._endpoints.publish, self._timeout, self._hwm)
+        sock = connect_publisher(self._context, self._endpoints.publish, self._timeout,
+                                 self._hwm, self._configure)
         return self._adopt(cls(sock, owner=self))
 
     def _report(self, reporter_id: bytes, report: Report) -> None:
@@ -203,6 +226,8 @@ class Bus:
                 # must not block. A report sent before the broker took us is simply skipped.
                 sock = self._context.socket(zmq.XPUB)
                 sock.linger = 0
+                if self._configure is not None:
+                    self._configure(sock)
                 sock.connect(self._endpoints.publish)
                 with self._lock:
                     if self._reporter is None and self._state is _State.OPEN:
@@ -251,7 +276,7 @@ class Bus:
         self._check_open()
         sock, ready, early = connect_subscriber(
             self._context, self._endpoints.subscribe, compiled,
-            timeout=self._timeout, hwm=hwm or self._hwm,
+            timeout=self._timeout, hwm=hwm or self._hwm, configure=self._configure,
         )
         sub: S = self._adopt(
             cls(sock, compiled, ready, early, type=type, on_loss=on_loss, owner=self)
@@ -442,12 +467,61 @@ class Bus:
         return f"<vbus.Bus {self._address} {self._state.value}>"
 
 
-def connect(address: str, timeout: float = DEFAULT_TIMEOUT, *, hwm: int = DEFAULT_HWM) -> Bus:
+def connect(
+    address: str,
+    timeout: float = DEFAULT_TIMEOUT,
+    *,
+    hwm: int = DEFAULT_HWM,
+    keypair: Keypair | None = None,
+    server_key: str | None = None,
+) -> Bus:
     """A bus that is a client of the broker at ``address`` (another process or host).
 
-    Raises ConnectError naming the address when no broker answers within ``timeout``.
+    Raises ConnectError naming the address when no broker answers within ``timeout`` or
+    the broker refuses us. ``keypair`` and ``server_key`` (the broker's public key) are
+    needed for a broker with CURVE security.
     """
-    return Bus._client(address, timeout, hwm)
+    return Bus._client(address, timeout, hwm, client_security(keypair, server_key))
+
+
+_HANDSHAKE_FAILED = (
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+)
+
+
+def _probe(context: zmq.Context[zmq.Socket[bytes]], endpoint: str, timeout: float,
+           configure: Callable[[zmq.Socket[bytes]], None] | None) -> str | None:
+    """None if a broker at ``endpoint`` takes a publisher within ``timeout``, else why not
+    (a template for ConnectError). A monitor tells a refusal from silence."""
+    sock = context.socket(zmq.XPUB)
+    sock.linger = 0
+    monitor = sock.get_monitor_socket(_HANDSHAKE_FAILED)
+    try:
+        if configure is not None:
+            configure(sock)
+        sock.connect(endpoint)
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
+        deadline = Deadline(timeout)
+        while not deadline.expired():
+            events = dict(poller.poll(int((deadline.remaining() or 0.0) * 1000) + 1))
+            if sock in events and sock.recv() == b"\x01":
+                return None
+            if monitor in events:
+                # A failed handshake is final: ZeroMQ would only fail it again on retry.
+                event = parse_monitor_message(monitor.recv_multipart())["event"]
+                if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                    return "the broker at {address} refused this client's key (not authorized)"
+                return ("the security handshake with {address} failed: check keypair= and "
+                        "server_key= (does the broker use CURVE keys, and is it this one?)")
+        return "no vbus broker answered at {address} within {timeout:g} s"
+    finally:
+        sock.disable_monitor()
+        monitor.close(0)
+        sock.close(0)
 
 
 def _is_async(callback: Callback) -> bool:

@@ -81,7 +81,18 @@ def run(args: argparse.Namespace) -> int:
         finally:
             bus.close(timeout=_CLOSE_TIMEOUT)
     finally:
+        _unblock_discarding_pending()
+
+
+def _unblock_discarding_pending() -> None:
+    """Unblock the stop signals; a repeated one still pending (``timeout`` and shells may
+    signal twice) is discarded, so it cannot turn a clean exit into an interrupted one."""
+    handlers = {sig: signal.signal(sig, signal.SIG_IGN) for sig in _STOP_SIGNALS}
+    try:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
 
 
 def _serve(bus: Bus, exposed: list[str]) -> int:

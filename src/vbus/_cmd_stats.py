@@ -131,6 +131,17 @@ def run(args: argparse.Namespace) -> int:
         if not args.watch:
             console.print(table(stats, args.address))
             return 0
+        if not console.is_terminal:  # a pipe or a file: one table after the other
+            try:
+                while True:
+                    console.print(table(stats, args.address), "")
+                    console.file.flush()
+                    stats = _next_stats(sub, STALE_AFTER * 10)
+            except KeyboardInterrupt:
+                return 0
+            except TimeoutError:
+                raise UserError(f"the broker at {args.address} published no {STATS_TOPIC} "
+                                f"for {STALE_AFTER * 10:g} s") from None
         last = time.monotonic()
         try:
             with Live(table(stats, args.address), console=console, auto_refresh=False) as live:

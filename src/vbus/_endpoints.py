@@ -64,3 +64,14 @@ def tcp_with_port(address: str, port: int) -> Endpoints:
     """The endpoints of a tcp address whose port was picked by the system."""
     host = address[len("tcp://") : address.rindex(":")]
     return parse_address(f"tcp://{host}:{port}")
+
+
+_LOOPBACK_HOSTS = ("127.", "localhost", "[::1]", "::1")
+
+
+def is_loopback(endpoints: Endpoints) -> bool:
+    """True unless the address is tcp on a host other machines may reach."""
+    if not endpoints.address.startswith("tcp://"):
+        return True  # ipc and inproc stay on this machine
+    host = endpoints.address[len("tcp://") : endpoints.address.rindex(":")]
+    return host.startswith(_LOOPBACK_HOSTS)

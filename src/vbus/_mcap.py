@@ -24,8 +24,8 @@ metadata ``vbus.recording_format`` = ``1`` marks vbus channels; a metadata recor
 
 from __future__ import annotations
 
+import logging
 import math
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -44,6 +44,8 @@ METADATA_NAME = "vbus"
 _KINDS = {_wire.KIND_MSGPACK: "msgpack", _wire.KIND_BYTES: "bytes",
           _wire.KIND_NDARRAY: "ndarray"}
 _U64 = 2**64 - 1
+_MAGIC = b"\x89MCAP0\r\n"
+log = logging.getLogger("vbus.mcap")
 
 
 class RecordingError(VbusError, ValueError):
@@ -167,41 +169,37 @@ class RecordingReader:
         from mcap.reader import SeekingReader
 
         self.path = path
+        self.message_count: int | None = None
+        self.damaged: str | None = None  # why the index could not be read, if it could not
         self._stream: IO[bytes] = open(path, "rb")  # noqa: SIM115 - closed by close()
         try:
-            if os.fstat(self._stream.fileno()).st_size == 0:
-                raise RecordingError(f"{path}: empty file, not an MCAP recording")
+            if self._stream.read(len(_MAGIC)) != _MAGIC:
+                raise RecordingError(f"{path}: not an MCAP file (no MCAP magic at its start)")
+            self._stream.seek(0)
             self._reader = SeekingReader(self._stream)
-            summary = self._reader.get_summary()
-        except RecordingError:
+            try:
+                summary = self._reader.get_summary()
+            except Exception as exc:  # no footer: the recorder did not finish (killed?)
+                self.damaged = _describe(exc)
+                return
+        except BaseException:
             self.close()
             raise
-        except Exception as exc:
-            self.close()
-            raise RecordingError(f"{path}: not a readable MCAP file ({_describe(exc)})") from None
         stats = summary.statistics if summary is not None else None
-        self.message_count: int | None = stats.message_count if stats is not None else None
-        self.duration = (
-            (stats.message_end_time - stats.message_start_time) / 1e9
-            if stats is not None and stats.message_count else 0.0
-        )
+        if stats is not None:
+            self.message_count = stats.message_count
 
     def __iter__(self) -> Iterator[Recorded]:
-        """The messages in log-time order; RecordingError at the first that is not vbus."""
+        """The messages in log-time order; RecordingError at the first that is not vbus. A
+        file without its index (the recorder was killed) is read from the start, in file
+        order (which is log-time order for vbus recordings), up to where it breaks off."""
         vbus_channels: set[int] = set()
         index = 0
         try:
-            for _schema, channel, message in self._reader.iter_messages(log_time_order=True):
+            for channel, message in self._messages():
                 index += 1
                 if channel.id not in vbus_channels:
-                    if channel.metadata.get(FORMAT_KEY) != RECORDING_FORMAT or (
-                        channel.message_encoding != MESSAGE_ENCODING
-                    ):
-                        raise RecordingError(
-                            f"{self.path}: channel {channel.topic!r} is not a vbus recording "
-                            f"(message encoding {channel.message_encoding!r}, "
-                            f"{FORMAT_KEY}={channel.metadata.get(FORMAT_KEY)!r})"
-                        )
+                    _check_channel(self.path, channel)
                     vbus_channels.add(channel.id)
                 try:
                     env, first, external = decode_frames(message.data)
@@ -218,9 +216,25 @@ class RecordingReader:
         except RecordingError:
             raise
         except Exception as exc:
-            raise RecordingError(
-                f"{self.path}: damaged after {index} message(s) ({_describe(exc)})"
-            ) from None
+            if self.damaged is None or index == 0:
+                raise RecordingError(
+                    f"{self.path}: damaged after {index} message(s) ({_describe(exc)})"
+                ) from None
+            log.warning("%s ends early after %d message(s): the recording was not finished "
+                        "(%s)", self.path, index, _describe(exc))
+
+    def _messages(self) -> Iterator[tuple[Any, Any]]:
+        if self.damaged is None:
+            for _schema, channel, message in self._reader.iter_messages(log_time_order=True):
+                yield channel, message
+            return
+        from mcap.reader import NonSeekingReader
+
+        self._stream.seek(0)
+        for _schema, channel, message in NonSeekingReader(self._stream).iter_messages(
+            log_time_order=False
+        ):
+            yield channel, message
 
     def close(self) -> None:
         self._stream.close()
@@ -230,6 +244,16 @@ class RecordingReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _check_channel(path: str, channel: Any) -> None:
+    if channel.metadata.get(FORMAT_KEY) != RECORDING_FORMAT or (
+        channel.message_encoding != MESSAGE_ENCODING
+    ):
+        raise RecordingError(
+            f"{path}: channel {channel.topic!r} is not a vbus recording (message encoding "
+            f"{channel.message_encoding!r}, {FORMAT_KEY}={channel.metadata.get(FORMAT_KEY)!r})"
+        )
 
 
 def _describe(exc: BaseException) -> str:

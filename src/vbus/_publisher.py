@@ -12,6 +12,7 @@ from __future__ import annotations
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -35,14 +36,21 @@ class PublisherStats(msgspec.Struct, frozen=True):
 
 
 def connect_publisher(
-    context: zmq.Context[zmq.Socket[bytes]], endpoint: str, timeout: float, hwm: int
+    context: zmq.Context[zmq.Socket[bytes]],
+    endpoint: str,
+    timeout: float,
+    hwm: int,
+    configure: Callable[[zmq.Socket[bytes]], None] | None = None,
 ) -> zmq.Socket[bytes]:
-    """An XPUB connected to ``endpoint``, returned once the broker has subscribed to it."""
+    """An XPUB connected to ``endpoint``, returned once the broker has subscribed to it.
+    ``configure`` sets options (CURVE keys) before it connects."""
     sock = context.socket(zmq.XPUB)
     try:
         sock.linger = 0
         sock.sndhwm = hwm
         sock.setsockopt(zmq.XPUB_NODROP, 1)
+        if configure is not None:
+            configure(sock)
         sock.connect(endpoint)
         deadline = Deadline(timeout)
         while True:

@@ -20,6 +20,7 @@ from zmq.utils.monitor import parse_monitor_message
 from . import _control, _wire
 from ._errors import DecodeError, TopicError
 from ._ledger import Ledger, RetainedStore
+from ._security import Authorizer, zap_reply
 from ._seq import BurstLog
 from ._threads import Started, block_signals
 from ._topics import Pattern, compile_pattern
@@ -41,6 +42,8 @@ class BrokerService:
         subscribe_endpoint: str,
         forwarder_stats: Callable[[], dict[str, int]],
         monitors: Sequence[str] = (),
+        zap: zmq.Socket[bytes] | None = None,
+        authorizer: Authorizer | None = None,
     ) -> None:
         self._context = context
         self._id = broker_id
@@ -49,7 +52,10 @@ class BrokerService:
         self._subscribe_endpoint = subscribe_endpoint
         self._forwarder_stats = forwarder_stats
         self._monitor_endpoints = monitors
-        self.peers = {"accepted": 0, "disconnected": 0, "rejected": 0}
+        self._zap = zap
+        self._authorizer = authorizer
+        self._denied: dict[str, None] = {}  # who was denied already: logged once each
+        self.peers = {"accepted": 0, "disconnected": 0, "rejected": 0, "denied": 0}
         self._rejections = BurstLog(log, "broker refused a network peer")
         self.waker = Waker()
         self.subscribers: set[bytes] = set()
@@ -79,9 +85,10 @@ class BrokerService:
             poller.register(self.waker.fileno(), zmq.POLLIN)
             for sock in monitors:
                 poller.register(sock, zmq.POLLIN)
+            if self._zap is not None:
+                poller.register(self._zap, zmq.POLLIN)
         except BaseException as exc:
-            for sock in (out, into, *monitors):
-                sock.close(0)
+            self._close(out, into, monitors)
             started.fail(exc)
             return
         started.ok(None)
@@ -90,8 +97,14 @@ class BrokerService:
         except zmq.ZMQError as exc:
             log.error("broker %s: service thread failed: %s", self._id, exc)
         finally:
-            for sock in (out, into, *monitors):
-                sock.close(0)
+            self._close(out, into, monitors)
+
+    def _close(self, out: zmq.Socket[bytes], into: zmq.Socket[bytes],
+               monitors: list[zmq.Socket[bytes]]) -> None:
+        for sock in (out, into, *monitors):
+            sock.close(0)
+        if self._zap is not None:
+            self._zap.close(0)
 
     def _confirm_own_subscription(self, out: zmq.Socket[bytes], into: zmq.Socket[bytes]) -> None:
         # Our SUB is a subscriber like any other: wait until the forwarder applies it, or a
@@ -125,6 +138,8 @@ class BrokerService:
             for sock in monitors:
                 if sock in events:
                     self._drain_monitor(sock)
+            if self._zap is not None and self._zap in events:
+                self._authenticate(self._zap)
             if time.monotonic() >= next_stats:
                 next_stats += STATS_PERIOD
                 self._publish_stats(out)
@@ -158,7 +173,26 @@ class BrokerService:
                 self.peers["disconnected"] += 1
             else:
                 self.peers["rejected"] += 1
-                self._rejections.event(1, f"{_event_name(kind)} on {event['endpoint']!r}")
+                if kind != zmq.EVENT_HANDSHAKE_FAILED_AUTH:  # denials are logged by ZAP
+                    self._rejections.event(1, f"{_event_name(kind)} on {event['endpoint']!r}")
+
+    def _authenticate(self, zap: zmq.Socket[bytes]) -> None:
+        assert self._authorizer is not None
+        while True:
+            try:
+                request = zap.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            reply, denied = zap_reply(request, self._authorizer)
+            zap.send_multipart(reply)
+            if denied is not None:
+                self.peers["denied"] += 1
+                who = denied.rsplit(":", 1)[0]  # the client's key and host, not its port
+                if who not in self._denied:
+                    log.warning("broker %s: %s", self._id, denied)
+                    self._denied[who] = None
+                    if len(self._denied) > 10_000:
+                        self._denied.pop(next(iter(self._denied)))
 
     def _take_report(self, first: bytes) -> None:
         try:

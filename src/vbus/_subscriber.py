@@ -75,6 +75,7 @@ def connect_subscriber(
     *,
     timeout: float,
     hwm: int,
+    configure: Callable[[zmq.Socket[bytes]], None] | None = None,
 ) -> tuple[zmq.Socket[bytes], bytes, list[Raw]]:
     """A SUB socket whose subscription the broker has confirmed active.
 
@@ -85,6 +86,8 @@ def connect_subscriber(
     try:
         sock.linger = 0
         sock.rcvhwm = hwm
+        if configure is not None:
+            configure(sock)
         for prefix in pattern.prefixes:
             sock.subscribe(prefix)
         token = secrets.token_hex(8).encode()
