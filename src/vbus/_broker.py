@@ -26,7 +26,7 @@ log = logging.getLogger("vbus.broker")
 
 _START_TIMEOUT = 10.0
 MAX_MESSAGE_SIZE = 256 * 1024 * 1024
-"""Default bound (bytes) of one message from a network peer; a peer sending more is dropped."""
+"""Default bound (bytes) of one frame from a network peer; a peer sending more is dropped."""
 MONITORED_EVENTS = (
     zmq.EVENT_ACCEPTED
     | zmq.EVENT_DISCONNECTED
@@ -50,7 +50,7 @@ class Broker:
     """Starts on construction (returns when both threads serve); ``stop()`` ends it."""
 
     def __init__(self, context: zmq.Context[zmq.Socket[bytes]], binds: Sequence[str] = (),
-                 *, hwm: int = 10_000, max_message_size: int = MAX_MESSAGE_SIZE,
+                 *, hwm: int = 1000, max_message_size: int = MAX_MESSAGE_SIZE,
                  security: ServerSecurity | None = None) -> None:
         self.id = secrets.token_hex(4)
         self._context = context
@@ -109,7 +109,7 @@ class Broker:
             for sock in (front, back, control):
                 sock.linger = 0
             front.rcvhwm = self._hwm
-            back.sndhwm = self._hwm
+            back.sndhwm = self._hwm  # per subscriber
             for sock in (front, back):
                 # Network peers only: ZeroMQ drops the connection of a peer that sends more.
                 sock.maxmsgsize = self._max_message_size

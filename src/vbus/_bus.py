@@ -29,6 +29,7 @@ from ._security import (
     client_security,
     server_security,
 )
+from ._flusher import Flusher
 from ._loop import BackgroundLoop
 from ._message import Message
 from ._publisher import LINGER, AsyncPublisher, Publisher, PublisherStats, connect_publisher
@@ -49,8 +50,9 @@ Callback = Callable[[Message], Any]
 C = TypeVar("C", bound=Callback)
 S = TypeVar("S", bound=Subscriber)
 
-DEFAULT_HWM = 10_000
+DEFAULT_HWM = 1000
 DEFAULT_TIMEOUT = 5.0
+BATCH_DELAY = 0.0005
 
 
 class BusStats(msgspec.Struct, frozen=True):
@@ -88,13 +90,17 @@ class Bus:
         max_message_size: int = MAX_MESSAGE_SIZE,
         keypair: Keypair | None = None,
         authorized: Authorized | None = None,
+        batch_delay: float = BATCH_DELAY,
     ) -> None:
-        """``hwm``: queue bound (messages) of each publisher and subscriber and of the broker
-        per subscriber. ``timeout``: how long readiness handshakes may take. ``max_message_size``
-        (bytes): the largest message a network peer may send the broker; a peer that sends
+        """``hwm``: queue bound, in ZeroMQ messages (a batch of small messages is one), of
+        each publisher, of the broker's intake, and of each subscriber unless it sets its
+        own. ``timeout``: how long readiness handshakes may take. ``max_message_size``
+        (bytes): the largest frame a network peer may send the broker; a peer that sends
         more is disconnected. In-process traffic has no such limit. ``keypair`` and
         ``authorized`` (public keys, or a directory of ``*.pub`` files) make every network
-        endpoint speak CURVE and admit only those keys."""
+        endpoint speak CURVE and admit only those keys. ``batch_delay`` (seconds) bounds how
+        long a publisher in a burst may hold a message to send it with others; 0 disables
+        batching."""
         if max_message_size < 1:
             raise ValueError(f"max_message_size must be positive, not {max_message_size}")
         security = server_security(keypair, authorized)
@@ -106,7 +112,7 @@ class Bus:
             if security is None and not is_loopback(endpoints):
                 log.warning("vbus: %s is open to the network without keys: anyone who can "
                             "reach it can read and publish (see docs/security.md)", b)
-        self._setup(hwm, timeout, zmq.Context(), owns_context=True)
+        self._setup(hwm, timeout, zmq.Context(), owns_context=True, batch_delay=batch_delay)
         try:
             self._broker: Broker | None = Broker(
                 self._context, binds, hwm=hwm, max_message_size=max_message_size,
@@ -123,7 +129,8 @@ class Bus:
 
     @classmethod
     def _client(cls, address: str, timeout: float, hwm: int,
-                security: ClientSecurity | None = None) -> Bus:
+                security: ClientSecurity | None = None,
+                batch_delay: float = BATCH_DELAY) -> Bus:
         endpoints = parse_address(address)
         if endpoints.address.endswith(":0"):
             raise AddressError(f"connect {address!r}: port 0 is only for bind")
@@ -132,7 +139,7 @@ class Bus:
             raise ConnectError(f"no vbus broker at {address} in this process")
         self = cls.__new__(cls)
         context = owner._context if owner is not None else zmq.Context()
-        self._setup(hwm, timeout, context, owns_context=owner is None)
+        self._setup(hwm, timeout, context, owns_context=owner is None, batch_delay=batch_delay)
         self._broker = None
         self._endpoints = endpoints
         self._address = endpoints.address
@@ -151,9 +158,14 @@ class Bus:
         return self
 
     def _setup(self, hwm: int, timeout: float, context: zmq.Context[zmq.Socket[bytes]],
-               *, owns_context: bool) -> None:
+               *, owns_context: bool, batch_delay: float) -> None:
         if hwm < 1:
             raise ValueError(f"hwm must be at least 1, not {hwm}")
+        if not 0 <= batch_delay <= 1.0:
+            raise ValueError(f"batch_delay must be between 0 and 1 s, not {batch_delay}")
+        self._flusher = (
+            Flusher(f"vbus-flusher-{id(self):x}", batch_delay) if batch_delay > 0 else None
+        )
         if timeout <= 0:
             raise ValueError(f"timeout must be positive, not {timeout}")
         self._hwm = hwm
@@ -212,7 +224,7 @@ class Bus:
         self._check_open()
         sock = connect_publisher(self._context, self._endpoints.publish, self._timeout,
                                  self._hwm, self._configure)
-        return self._adopt(cls(sock, owner=self))
+        return self._adopt(cls(sock, owner=self, flusher=self._flusher))
 
     def _report(self, reporter_id: bytes, report: Report) -> None:
         """Send a subscriber's counters to the broker's $vbus/stats. Best effort."""
@@ -416,6 +428,8 @@ class Bus:
         #    callback threads, joined unless we are one of them; a stuck user callback may
         #    not eat the time the broker and the context need
         stuck = self._join_threads(deadline.share(0.8))
+        if self._flusher is not None and not self._flusher.stop(deadline):
+            stuck.append(self._flusher.name)
         # 4. the broker: forwarder terminated through its control socket, threads joined
         if self._broker is not None:
             stuck += self._broker.stop(deadline)
@@ -474,14 +488,15 @@ def connect(
     hwm: int = DEFAULT_HWM,
     keypair: Keypair | None = None,
     server_key: str | None = None,
+    batch_delay: float = BATCH_DELAY,
 ) -> Bus:
     """A bus that is a client of the broker at ``address`` (another process or host).
 
     Raises ConnectError naming the address when no broker answers within ``timeout`` or
     the broker refuses us. ``keypair`` and ``server_key`` (the broker's public key) are
-    needed for a broker with CURVE security.
+    needed for a broker with CURVE security. ``batch_delay`` as for ``Bus``.
     """
-    return Bus._client(address, timeout, hwm, client_security(keypair, server_key))
+    return Bus._client(address, timeout, hwm, client_security(keypair, server_key), batch_delay)
 
 
 _HANDSHAKE_FAILED = (

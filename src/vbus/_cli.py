@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from . import _cmd_broker, _cmd_extras, _cmd_pub, _cmd_record, _cmd_stats, _cmd_sub
+from . import _cmd_broker, _cmd_extras, _cmd_pub, _cmd_record, _cmd_replay, _cmd_stats, _cmd_sub
 from ._cmd_common import sigterm_interrupts
 from ._errors import VbusError
 
@@ -33,12 +33,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    _cmd_extras.register(commands)  # demo first, the README's first command; bench last
+    _cmd_extras.register_demo(commands)  # the README's first command
     _cmd_broker.register(commands)
     _cmd_pub.register(commands)
     _cmd_sub.register(commands)
     _cmd_stats.register(commands)
     _cmd_record.register(commands)
+    _cmd_replay.register(commands)
+    _cmd_extras.register_bench(commands)
     return parser
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import signal
 import sys
+import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -17,8 +19,6 @@ from ._errors import VbusError
 
 DEFAULT_TIMEOUT = 5.0
 
-Commands = "argparse._SubParsersAction[argparse.ArgumentParser]"
-
 
 class UserError(VbusError):
     """A mistake the user can fix; printed as one line, exit status 1."""
@@ -26,9 +26,10 @@ class UserError(VbusError):
 
 def add_parser(commands: Any, name: str, *, help: str, description: str,
                example: str, **kwargs: Any) -> argparse.ArgumentParser:
-    """A subcommand whose --help ends with an example, newlines kept."""
+    """A subcommand whose --help ends with an example, its layout kept."""
+    paragraphs = (textwrap.fill(p, 79) for p in description.split("\n\n"))
     parser: argparse.ArgumentParser = commands.add_parser(
-        name, help=help, description=description, epilog=example,
+        name, help=help, description="\n\n".join(paragraphs), epilog=example,
         formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs,
     )
     return parser
@@ -42,15 +43,15 @@ def add_timeout(parser: argparse.ArgumentParser) -> None:
 
 def positive_float(text: str) -> float:
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, not {text}")
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a positive number, not {text}")
     return value
 
 
 def non_negative_float(text: str) -> float:
     value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be zero or positive, not {text}")
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be zero or a positive number, not {text}")
     return value
 
 

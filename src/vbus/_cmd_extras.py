@@ -12,13 +12,8 @@ from typing import Any
 from ._cmd_common import UserError, add_parser
 
 
-def register(commands: Any) -> None:
-    _register_demo(commands)
-    _register_bench(commands)
-
-
 # -- demo -------------------------------------------------------------------------------------
-def _register_demo(commands: Any) -> None:
+def register_demo(commands: Any) -> None:
     p = add_parser(
         commands, "demo",
         help="an embedded bus with a simulated instrument and live rates",
@@ -57,18 +52,24 @@ def _run_gui_demo(args: argparse.Namespace) -> int:
     except ImportError:
         raise missing from None
     try:
-        module = importlib.import_module("vbus._demo_gui")
+        module = _import("vbus._demo_gui")
     except ModuleNotFoundError as exc:
         if exc.name == "vbus._demo_gui":
             raise UserError("this build of vbus has no GUI demo (vbus/_demo_gui.py)") from None
         if exc.name and exc.name.split(".")[0] in ("PySide6", "shiboken6"):
             raise missing from None
         raise
+    except ImportError as exc:  # e.g. vbus.qt refusing a PySide6 release it cannot use
+        raise UserError(f"the GUI demo cannot start: {exc}") from None
     return int(module.run_gui_demo(duration=args.duration) or 0)
 
 
+def _import(name: str) -> Any:
+    return importlib.import_module(name)
+
+
 # -- bench ------------------------------------------------------------------------------------
-def _register_bench(commands: Any) -> None:
+def register_bench(commands: Any) -> None:
     p = add_parser(
         commands, "bench",
         help="run the benchmark suite, raw pyzmq side by side",
@@ -79,6 +80,7 @@ def _register_bench(commands: Any) -> None:
             "options."
         ),
         example="example: vbus bench\n         vbus bench --help",
+        usage="%(prog)s [ARGS...]",
         add_help=False,  # --help and the suite's options are handled in run_bench
     )
     p.set_defaults(run=run_bench, parser=p, passthrough=True)

@@ -1,13 +1,15 @@
-"""``vbus record`` and ``vbus replay``: traffic to an MCAP file and back (format: _mcap.py)."""
+"""``vbus record``: the messages matching a pattern to an MCAP file (format: _mcap.py)."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import time
 from typing import Any
 
+from . import _control
 from ._cmd_common import (
     Progress,
     RateMeter,
@@ -16,12 +18,14 @@ from ._cmd_common import (
     add_timeout,
     connect_to,
     human_bytes,
-    non_negative_float,
     non_negative_int,
     positive_float,
     say,
 )
+from ._errors import DecodeError
 from ._topics import compile_pattern
+
+log = logging.getLogger("vbus.record")
 
 _TICK = 0.25  # progress refresh while waiting
 
@@ -47,7 +51,8 @@ def register(commands: Any) -> None:
     p.add_argument("address", metavar="ADDRESS", help="the broker, as 'vbus broker' prints it")
     p.add_argument("pattern", metavar="PATTERN", help="e.g. stage/*, camera/**, **")
     p.add_argument("-o", "--output", required=True, metavar="FILE.mcap",
-                   help="the file to write (replaced if it exists)")
+                   help="the file to write (replaced if it exists, once the recording is "
+                        "complete; until then it is FILE.mcap.part)")
     p.add_argument("--count", type=non_negative_int, default=0, metavar="N",
                    help="stop after N messages (default: 0 = no limit)")
     p.add_argument("--duration", type=positive_float, default=None, metavar="S",
@@ -56,169 +61,116 @@ def register(commands: Any) -> None:
     add_timeout(p)
     p.set_defaults(run=run_record)
 
-    p = add_parser(
-        commands, "replay",
-        help="publish a recording again, with its timing",
-        description=(
-            "Publish the messages of FILE (made by 'vbus record') to the broker at ADDRESS, "
-            "unchanged (same topic, sender, seq, time and payload bytes), keeping the recorded "
-            "gaps between them; --speed 2 plays twice as fast, --speed 0 without waiting. It "
-            "exits once the broker has forwarded the last message. On a terminal it shows "
-            "progress (--quiet: nothing)."
-        ),
-        example=(
-            "examples:\n"
-            "  vbus replay run1.mcap --to tcp://127.0.0.1:5555\n"
-            "  vbus replay run1.mcap --to tcp://127.0.0.1:5555 --speed 10 --quiet"
-        ),
-    )
-    p.add_argument("file", metavar="FILE.mcap", help="a recording made by 'vbus record'")
-    p.add_argument("--to", required=True, metavar="ADDRESS", dest="address",
-                   help="the broker, as 'vbus broker' prints it")
-    p.add_argument("--speed", type=non_negative_float, default=1.0, metavar="X",
-                   help="time factor (default: 1; 2 = twice as fast; 0 = no waiting)")
-    p.add_argument("--quiet", action="store_true", help="no status or progress on stderr")
-    add_timeout(p)
-    p.set_defaults(run=run_replay)
 
-
-def _need_mcap(command: str) -> None:
+def need_mcap(command: str) -> None:
     try:
         import mcap  # noqa: F401
     except ImportError:
         raise UserError(f"vbus {command} needs the mcap package: pip install 'vbus[cli]'") from None
 
 
-# -- record -----------------------------------------------------------------------------------
+class FrameSource:
+    """The ZeroMQ messages behind a subscriber's messages, each once and as published:
+    frame 1 and the external frame (or None).
+
+    A batch (several messages of one publisher and topic in one frame) is one ZeroMQ message
+    for several vbus messages. A retained value that the broker replays arrives wrapped in the
+    subscriber's ``$vbus/ready/<token>`` frame, which ``Subscriber._recv_frames`` returns as
+    is; it is unwrapped here.
+    """
+
+    def __init__(self, sub: Any) -> None:
+        self._sub = sub
+        self._last: object = None
+
+    def recv(self, timeout: float | None) -> tuple[bytes, bytes | None] | None:
+        """The frames of the next message; None when they came with the one before (a batch).
+        TimeoutError after ``timeout``."""
+        _msg, first, external = self._sub._recv_frames(timeout)
+        raw = self._sub._last_raw
+        if raw is self._last:
+            return None
+        self._last = raw
+        if first.startswith(_control.READY):
+            rest = raw[1]
+            first = rest[0].bytes
+            external = rest[1].bytes if len(rest) > 1 else None
+        return first, external
+
+
 def run_record(args: argparse.Namespace) -> int:
-    _need_mcap("record")
+    """Writes FILE.part, renamed to FILE once complete: a mistake (no broker at that address)
+    leaves an earlier FILE as it was."""
+    need_mcap("record")
     from ._mcap import RecordingWriter
 
     pattern = compile_pattern(args.pattern).text
     path: str = args.output
-    stream = open(path, "wb")  # noqa: SIM115 - a file we cannot write is one line, up front
+    partial = path + ".part"
+    stream = open(partial, "wb")  # noqa: SIM115 - a file we cannot write is one line, up front
+    writer: RecordingWriter | None = None
     try:
         with connect_to(args.address, args.timeout) as bus, bus.subscribe(pattern) as sub:
             writer = RecordingWriter(stream, {"address": args.address, "pattern": pattern})
-            if not args.quiet:
-                say(f"vbus record: recording {pattern} at {args.address} to {path} "
-                    "(Ctrl-C to stop)")
             began = time.monotonic()
             try:
-                _record(sub, writer, args)
+                received = _record(sub, writer, args)
             finally:
                 writer.finish()
     except BaseException:
         stream.close()
-        if os.path.getsize(path) == 0:
-            with contextlib.suppress(OSError):
-                os.remove(path)  # nothing recorded: no empty file left behind
+        with contextlib.suppress(OSError):
+            if writer is not None and writer.messages:
+                os.replace(partial, path)  # what was recorded is kept
+            else:
+                os.remove(partial)
         raise
     stream.close()
+    os.replace(partial, path)
     if not args.quiet:
         elapsed = time.monotonic() - began
-        say(f"vbus record: {writer.messages} message(s) on {writer.topics} topic(s), "
+        say(f"vbus record: {received} message(s) on {writer.topics} topic(s), "
             f"{human_bytes(writer.bytes)} in {elapsed:.1f} s -> {path}")
     return 0
 
 
-def _record(sub: Any, writer: Any, args: argparse.Namespace) -> None:
+def _record(sub: Any, writer: Any, args: argparse.Namespace) -> int:
+    """Record until done; the number of vbus messages received (a batch counts its messages,
+    the file holds it as one MCAP message)."""
     progress = Progress(args.quiet)
     meter = RateMeter()
     end = None if args.duration is None else time.monotonic() + args.duration
+    source = FrameSource(sub)
+    received = 0
 
     def status() -> str:
-        return (f"recorded {writer.messages:,} message(s), {writer.topics} topic(s), "
-                f"{human_bytes(writer.bytes)}, {meter.observe(writer.messages):,.0f} msg/s")
+        return (f"recorded {received:,} message(s), {writer.topics} topic(s), "
+                f"{human_bytes(writer.bytes)}, {meter.observe(received):,.0f} msg/s")
 
     try:
-        while not args.count or writer.messages < args.count:
+        if not args.quiet:
+            say(f"vbus record: recording {sub.pattern} at {args.address} to {args.output} "
+                "(Ctrl-C to stop)")
+        while not args.count or received < args.count:
             remaining = None if end is None else end - time.monotonic()
             if remaining is not None and remaining <= 0:
                 break
             wait = _TICK if remaining is None else min(_TICK, remaining)
             try:
-                _msg, first, external = sub._recv_frames(wait if progress.enabled else remaining)
+                frames = source.recv(wait if progress.enabled else remaining)
             except TimeoutError:
                 progress.update(status)
                 continue
-            writer.add(first, external)
+            received += 1
+            if frames is not None:
+                try:
+                    writer.add(*frames)
+                except DecodeError as exc:  # the subscriber decoded it: not expected
+                    log.warning("skipped a message that is not a vbus message: %s", exc)
             progress.update(status)
     except KeyboardInterrupt:
         pass  # Ctrl-C or SIGTERM: the normal way to stop; the file gets completed
     finally:
         progress.update(status, force=True)
         progress.done()
-
-
-# -- replay -----------------------------------------------------------------------------------
-def run_replay(args: argparse.Namespace) -> int:
-    _need_mcap("replay")
-    from ._mcap import RecordingReader
-
-    with RecordingReader(args.file) as reader:
-        first = next(iter(reader), None)  # the file is checked before we connect
-        if first is None:
-            raise UserError(f"{args.file}: the recording holds no messages")
-        with connect_to(args.address, args.timeout) as bus:
-            pub = bus.publisher()
-            sent = _replay(bus, pub, reader, args)
-            dropped = pub.stats().dropped
-    if not args.quiet:
-        note = f", {dropped} dropped (the queue to the broker was full)" if dropped else ""
-        say(f"vbus replay: {sent} message(s) from {args.file} to {args.address}{note}")
-    return 1 if dropped else 0
-
-
-def _replay(bus: Any, pub: Any, reader: Any, args: argparse.Namespace) -> int:
-    progress = Progress(args.quiet)
-    meter = RateMeter()
-    total = reader.message_count
-    speed: float = args.speed
-    sent = 0
-
-    def status() -> str:
-        of = f"/{total:,}" if total else ""
-        return f"replayed {sent:,}{of} message(s), {meter.observe(sent):,.0f} msg/s"
-
-    start = time.monotonic()
-    origin: int | None = None
-    messages = iter(reader)
-    pending = next(messages, None)
-    try:
-        while pending is not None:
-            current, pending = pending, next(messages, None)
-            if origin is None:
-                origin = current.log_time
-            if speed:
-                due = start + (current.log_time - origin) / 1e9 / speed
-                while (wait := due - time.monotonic()) > 0:
-                    time.sleep(min(wait, _TICK))  # keeping the recorded timing, not waiting
-                    progress.update(status)        # for a message
-            if pending is None:
-                _send_confirmed(bus, pub, current, args.timeout)
-            else:
-                pub._publish_frames(current.first, current.external)
-            sent += 1
-            progress.update(status)
-    finally:
-        progress.update(status, force=True)
-        progress.done()
-    return sent
-
-
-def _send_confirmed(bus: Any, pub: Any, message: Any, timeout: float) -> None:
-    """Send the last message and wait until the broker forwards it back: then it and every
-    message before it (in order, through the same publisher) reached the broker."""
-    with bus.subscribe(message.topic) as echo:
-        pub._publish_frames(message.first, message.external)
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                _msg, first, _external = echo._recv_frames(max(deadline - time.monotonic(), 0))
-            except TimeoutError:
-                raise UserError(
-                    f"the broker did not forward the last message within {timeout:g} s"
-                ) from None
-            if first == message.first:
-                return
+    return received

@@ -64,11 +64,11 @@ def run(args: argparse.Namespace) -> int:
     count: int = args.count
     out = sys.stdout
     with connect_to(args.address, args.timeout) as bus, bus.subscribe(pattern) as sub:
-        say(f"vbus sub: subscribed to {pattern} at {args.address}")
         end = None if args.duration is None else time.monotonic() + args.duration
         n = 0
         interrupted = False
         try:
+            say(f"vbus sub: subscribed to {pattern} at {args.address}")
             while count == 0 or n < count:
                 try:
                     msg = sub.recv(timeout=0)

@@ -284,6 +284,7 @@ class Snapshot:
     delivered: int
     skipped: int
     painted: int
+    deliveries: int  # messages delivered by all the window's QtSubscribers
     delivery: float  # seconds the GUI thread spent in QtSubscriber delivery, slots included
     slots: float  # seconds in our slots connected to QtSubscriber.received
     paint: float
@@ -305,8 +306,9 @@ class ViewerWindow(QWidget):
         self.analysis_label = QLabel("waiting for the analysis plugin")
         self.rates_label = QLabel("measuring")
         self.gui_label = QLabel("measuring")
+        self.loss_label = QLabel("measuring")
         for label in (self.stage_label, self.camera_label, self.analysis_label,
-                      self.rates_label, self.gui_label):
+                      self.rates_label, self.gui_label, self.loss_label):
             label.setTextFormat(Qt.TextFormat.PlainText)
             label.setMinimumWidth(330)
         self.exposure = QSpinBox()
@@ -324,6 +326,7 @@ class ViewerWindow(QWidget):
         rform = QFormLayout(rates)
         rform.addRow("Frames/s", self.rates_label)
         rform.addRow("GUI thread", self.gui_label)
+        rform.addRow("Losses", self.loss_label)
         panel = QHBoxLayout()
         panel.addWidget(box, 1)
         panel.addWidget(rates, 1)
@@ -395,6 +398,7 @@ class ViewerWindow(QWidget):
             delivered=frames.delivered,
             skipped=frames.skipped,
             painted=self.view.painted,
+            deliveries=sum(q.stats().delivered for q in self.qsubs),
             delivery=sum(q.stats().gui_seconds for q in self.qsubs),
             slots=self.slot_seconds,
             paint=self.view.paint_seconds,
@@ -412,6 +416,9 @@ class ViewerWindow(QWidget):
             "skipped_fps": (b.skipped - a.skipped) / dt,
             "painted_fps": (b.painted - a.painted) / dt,
             "vbus_share": (b.delivery - a.delivery - (b.slots - a.slots)) / dt,
+            "deliveries_per_s": (b.deliveries - a.deliveries) / dt,
+            "vbus_us_per_delivery": 1e6 * (b.delivery - a.delivery - (b.slots - a.slots))
+            / max(b.deliveries - a.deliveries, 1),
             "slots_share": (b.slots - a.slots) / dt,
             "paint_share": (b.paint - a.paint) / dt,
             "max_lag_ms": 1000 * b.lag,
@@ -427,9 +434,11 @@ class ViewerWindow(QWidget):
             )
             self.gui_label.setText(
                 f"vbus {100 * r['vbus_share']:.1f} %   slots {100 * r['slots_share']:.1f} %   "
-                f"paint {100 * r['paint_share']:.1f} %   timer lag {r['max_lag_ms']:.0f} ms"
+                f"paint {100 * r['paint_share']:.1f} %   lag {r['max_lag_ms']:.0f} ms"
             )
             self.latency_max = 0.0  # per display period
+            dropped = sum(q.stats().dropped for q in self.qsubs)
+            self.loss_label.setText(f"dropped {dropped}   skipped {now.skipped} frames in all")
         self._last = now
 
     def closeEvent(self, event: QCloseEvent) -> None:
@@ -443,7 +452,8 @@ def summary(r: dict[str, float]) -> str:
     return (
         f"frames published {r['published_fps']:.0f}/s, delivered {r['delivered_fps']:.0f}/s, "
         f"skipped {r['skipped_fps']:.0f}/s, painted {r['painted_fps']:.0f}/s; GUI thread: "
-        f"vbus {100 * r['vbus_share']:.1f} %, slots {100 * r['slots_share']:.1f} %, paint "
+        f"vbus {100 * r['vbus_share']:.1f} % ({r['deliveries_per_s']:.0f} deliveries/s, "
+        f"{r['vbus_us_per_delivery']:.0f} µs each), slots {100 * r['slots_share']:.1f} %, paint "
         f"{100 * r['paint_share']:.1f} %; a 20 ms timer fired at most {r['max_lag_ms']:.0f} ms late"
     )
 

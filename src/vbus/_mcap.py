@@ -8,14 +8,17 @@ the MCAP registry, so no schema: schema id 0). Each MCAP message is a msgpack ma
     seq       int     the publisher's sequence number on this topic
     time      float   publisher's clock, seconds since the epoch
     retained  bool    the retained flag
-    kind      str     "msgpack", "bytes" or "ndarray"
+    kind      str     "msgpack", "bytes", "ndarray" or "batch"
     data      any     msgpack: the value itself; ndarray: [dtype descr, shape];
-                      bytes: the bytes if they rode inline, else nil
+                      bytes: the bytes if they rode inline, else nil; batch: the messages
+                      as [[time, value], ...] (their seqs follow ``seq``)
     frames    [bin]   the message's ZeroMQ frames exactly as received: frame 1 (topic, header,
                       inline payload) and, if present, frame 2 (external payload)
 
-``frames`` is what replay sends, byte for byte; the other keys repeat it for tools that read
-msgpack but not the vbus wire format (docs/protocol.md). MCAP ``log_time`` is when the
+One MCAP message holds one ZeroMQ message: a batch (several messages of one publisher and
+topic that travelled in one frame) stays one MCAP message. ``frames`` is what replay sends,
+byte for byte; the other keys repeat it for tools that read msgpack but not the vbus wire
+format (docs/protocol.md). MCAP ``log_time`` is when the
 recorder received the message (ns since the epoch, monotonic during a recording),
 ``publish_time`` the publisher's clock, ``sequence`` the vbus seq modulo 2**32. Channel
 metadata ``vbus.recording_format`` = ``1`` marks vbus channels; a metadata record named
@@ -42,7 +45,7 @@ WIRE_KEY = "vbus.wire_version"
 MESSAGE_ENCODING = "msgpack"
 METADATA_NAME = "vbus"
 _KINDS = {_wire.KIND_MSGPACK: "msgpack", _wire.KIND_BYTES: "bytes",
-          _wire.KIND_NDARRAY: "ndarray"}
+          _wire.KIND_NDARRAY: "ndarray", _wire.KIND_BATCH: "batch"}
 _U64 = 2**64 - 1
 _MAGIC = b"\x89MCAP0\r\n"
 log = logging.getLogger("vbus.mcap")
@@ -75,14 +78,15 @@ def encode_message(first: bytes, external: bytes | None) -> tuple[_wire.Envelope
     """The envelope of a received vbus message and its MCAP message body."""
     env = _wire.parse_envelope(first)
     inline = first[env.offset:]
-    data: Any
+    data: Any = None
     if env.kind == _wire.KIND_BYTES:
         data = None if external is not None else inline
-    else:  # msgpack value, or the ndarray's [descr, shape]: msgpack already
+    elif env.kind in _KINDS:  # msgpack: the value, ndarray: [descr, shape], batch: [[t, v]...]
         data = msgspec.Raw(inline)
     body = _Body(
         env.topic, env.sender.hex(), env.seq, env.time, bool(env.flags & _wire.FLAG_RETAINED),
-        _KINDS[env.kind], data, [first] if external is None else [first, external],
+        _KINDS.get(env.kind, str(env.kind)), data,
+        [first] if external is None else [first, external],
     )
     return env, _ENCODER.encode(body)
 
@@ -160,6 +164,7 @@ class Recorded:
     log_time: int
     first: bytes
     external: bytes | None
+    messages: int = 1  # a batch holds several
 
 
 class RecordingReader:
@@ -212,7 +217,8 @@ class RecordingReader:
                         f"{self.path}: message {index} on channel {channel.topic!r} "
                         f"carries topic {env.topic!r}"
                     )
-                yield Recorded(channel.topic, message.log_time, first, external)
+                yield Recorded(channel.topic, message.log_time, first, external,
+                               _count(env, first))
         except RecordingError:
             raise
         except Exception as exc:
@@ -244,6 +250,19 @@ class RecordingReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+_BATCH_ENTRIES = msgspec.msgpack.Decoder(list[msgspec.Raw])
+
+
+def _count(env: _wire.Envelope, first: bytes) -> int:
+    """The vbus messages in one recorded ZeroMQ message."""
+    if env.kind != _wire.KIND_BATCH:
+        return 1
+    try:
+        return len(_BATCH_ENTRIES.decode(memoryview(first)[env.offset:]))
+    except msgspec.DecodeError:
+        return 1
 
 
 def _check_channel(path: str, channel: Any) -> None:

@@ -18,8 +18,10 @@ from typing import Any
 import msgspec
 import zmq
 
-from . import _control, _wire
-from ._errors import Closed, ConnectError
+from . import _batch, _control, _wire
+from ._batch import Batch
+from ._errors import Closed, ConnectError, EncodeError
+from ._flusher import Flusher
 from ._threads import Deadline
 from ._topics import topic_prefix, validate_topic
 
@@ -27,6 +29,11 @@ _PREFIX_CACHE_LIMIT = 4096
 _DRAIN_EVERY = 256
 REPORT_PERIOD = 1.0
 LINGER = 0.25
+BURST_GAP = 10e-6
+"""A message this soon after the previous send starts a batch: a burst is under way."""
+_OVERHEAD = 12  # bytes per message besides its payload, for the broker's byte counts
+_PLAIN = frozenset({float, int, str, bool, type(None), dict, list, tuple})
+_BATCHABLE = _batch.MAX_BYTES // 16  # larger payloads are sent on their own
 
 
 class PublisherStats(msgspec.Struct, frozen=True):
@@ -67,9 +74,14 @@ def connect_publisher(
 class Publisher:
     """Publishes to the bus. Thread-safe; ``publish`` never blocks."""
 
-    def __init__(self, sock: zmq.Socket[bytes], *, owner: Any = None) -> None:
+    def __init__(self, sock: zmq.Socket[bytes], *, owner: Any = None,
+                 flusher: Flusher | None = None) -> None:
         self._sock = sock
         self._owner = owner
+        self._flusher = flusher  # None: never batch
+        self._batches: dict[str, Batch] = {}
+        self._last_publish = 0.0
+        self._sends = 0
         self._lock = threading.Lock()
         self._encoder = _wire.new_encoder()
         self._sender = secrets.token_bytes(_wire.SENDER_SIZE)
@@ -107,24 +119,85 @@ class Publisher:
         with self._lock:
             if self._closed:
                 raise Closed("publisher is closed")
-            payload = _wire.encode_payload(data, self._encoder)
+            kind = type(data)
+            if retain or self._flusher is None or not (
+                kind in _PLAIN or (kind is bytes and len(data) <= _BATCHABLE)
+            ):
+                self._publish_unbatched(topic, prefix, data, retain)
+                return
+            # The hot path: a small plain value, batched when it comes in a burst.
+            try:
+                entry = self._encoder.encode(data)  # bytes become a msgpack bin entry
+            except (TypeError, ValueError, OverflowError, RecursionError) as exc:
+                raise EncodeError(
+                    f"cannot encode payload of type {kind.__name__}: {exc!r}"
+                ) from None
+            if len(entry) > _BATCHABLE:
+                self._publish_unbatched(topic, prefix, data, retain)
+                return
             seq = self._seqs.get(topic, 0) + 1
             self._seqs[topic] = seq
             now = time.time()
-            if retain:
-                # The broker's copy goes first: a subscriber joining in between then finds
-                # the value either in the broker's store or in its live stream (deduplicated).
-                copy, external = _wire.build_frames(
-                    prefix, _wire.FLAG_RETAINED, self._sender, seq, now, payload
+            batch = self._batches.get(topic)
+            if batch is not None:
+                if batch.add(now, entry) or now - batch.first_time >= self._flusher.delay:
+                    self._flush(topic, batch)
+            elif now - self._last_publish < BURST_GAP:
+                # A burst: batch from here on; full, late or idle batches go out on their own.
+                self._batches[topic] = new = Batch(prefix, seq, now, entry)
+                self._flusher.due(self, new.started)
+            else:
+                single = (
+                    _wire.Payload(_wire.KIND_BYTES, data)
+                    if kind is bytes
+                    else _wire.Payload(_wire.KIND_MSGPACK, entry)
                 )
-                self._send(_control.RETAIN + copy, external, count=False)
-            frame, external = _wire.build_frames(prefix, 0, self._sender, seq, now, payload)
-            self._bytes[topic] = self._bytes.get(topic, 0) + len(frame) + (
-                0 if external is None else external.nbytes
-            )
-            self._send(frame, external)
+                self._send_one(prefix, seq, now, single, False)
+            self._last_publish = now
+            self._bytes[topic] = self._bytes.get(topic, 0) + len(entry) + _OVERHEAD
             if now >= self._next_report:
                 self._report(now)
+
+    def _publish_unbatched(self, topic: str, prefix: bytes, data: Any, retain: bool) -> None:
+        # Caller holds self._lock. Retained values, arrays, large or unusual payloads.
+        payload = _wire.encode_payload(data, self._encoder)
+        seq = self._seqs.get(topic, 0) + 1
+        self._seqs[topic] = seq
+        now = time.time()
+        batch = self._batches.get(topic)
+        if batch is not None:
+            self._flush(topic, batch)  # this topic's earlier messages go first
+        self._send_one(prefix, seq, now, payload, retain)
+        self._last_publish = now
+        size = len(payload.inline) + (0 if payload.external is None else payload.external.nbytes)
+        self._bytes[topic] = self._bytes.get(topic, 0) + size + _OVERHEAD
+        if now >= self._next_report:
+            self._report(now)
+
+    def _send_one(self, prefix: bytes, seq: int, now: float, payload: _wire.Payload,
+                  retain: bool) -> None:
+        # Caller holds self._lock.
+        if retain:
+            # The broker's copy goes first: a subscriber joining in between then finds the
+            # value either in the broker's store or in its live stream (deduplicated).
+            copy, external = _wire.build_frames(
+                prefix, _wire.FLAG_RETAINED, self._sender, seq, now, payload
+            )
+            self._send(_control.RETAIN + copy, external, count=0)
+        frame, external = _wire.build_frames(prefix, 0, self._sender, seq, now, payload)
+        self._send(frame, external)
+
+    def _flush(self, topic: str, batch: Batch) -> None:
+        # Caller holds self._lock.
+        del self._batches[topic]
+        self._send(batch.frame(self._sender, self._encoder), None, count=len(batch))
+
+    def _flush_batches(self) -> None:
+        """Send every pending batch (the flusher calls this when they are due)."""
+        with self._lock:
+            if not self._closed:
+                for topic, batch in list(self._batches.items()):
+                    self._flush(topic, batch)
 
     def _clear_retained(self, topic: str) -> None:
         prefix = self._prefixes.get(topic) or self._learn(topic)
@@ -134,7 +207,7 @@ class Publisher:
             frame = _control.control_frame(
                 _control.RETAIN + prefix[:-1], self._sender, _wire.FLAG_CLEAR
             )
-            self._send(frame, None, count=False)
+            self._send(frame, None, count=0)
 
     def _report(self, now: float) -> None:
         # Caller holds self._lock. Cumulative counters, at most once a second while publishing
@@ -142,14 +215,14 @@ class Publisher:
         self._next_report = now + REPORT_PERIOD
         topics = {t: (n, self._bytes.get(t, 0)) for t, n in self._seqs.items()}
         report = _control.Report("publisher", topics=topics, dropped=self._dropped)
-        self._send(_control.report_frame(self._sender, report), None, count=False)
+        self._send(_control.report_frame(self._sender, report), None, count=0)
 
     def _send_control(self, frame: bytes) -> None:
         """Send a one-frame control message (not counted as published)."""
         with self._lock:
             if self._closed:
                 raise Closed("publisher is closed")
-            self._send(frame, None, count=False)
+            self._send(frame, None, count=0)
 
     def _publish_frames(self, frame: bytes, external: Any = None) -> None:
         """Send a message that is already framed (replay keeps its original header)."""
@@ -158,8 +231,8 @@ class Publisher:
                 raise Closed("publisher is closed")
             self._send(frame, external)
 
-    def _send(self, frame: bytes, external: Any, count: bool = True) -> None:
-        # Caller holds self._lock.
+    def _send(self, frame: bytes, external: Any, count: int = 1) -> None:
+        # Caller holds self._lock. ``count``: the messages in it (0 for control messages).
         sock = self._sock
         try:
             if external is None:
@@ -167,11 +240,11 @@ class Publisher:
             else:
                 sock.send(frame, zmq.NOBLOCK | zmq.SNDMORE)
                 sock.send(external, zmq.NOBLOCK, copy=False)
-            if count:
-                self._published += 1
+            self._published += count
         except zmq.Again:
             self._dropped += count
-        if (self._published + self._dropped) % _DRAIN_EVERY == 0:
+        self._sends += 1
+        if self._sends % _DRAIN_EVERY == 0:
             self._drain()
 
     def _learn(self, topic: str) -> bytes:
@@ -202,6 +275,8 @@ class Publisher:
         with self._lock:
             if self._closed:
                 return
+            for topic, batch in list(self._batches.items()):
+                self._flush(topic, batch)
             if self._published:
                 self._report(time.time())
             self._closed = True

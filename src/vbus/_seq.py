@@ -20,11 +20,12 @@ class SequenceTracker:
         self._last: dict[tuple[bytes, str], int] = {}
         self.lost = 0
 
-    def observe(self, sender: bytes, topic: str, seq: int) -> int:
-        """Record ``seq``; return how many messages were lost just before it (0 if none)."""
+    def observe(self, sender: bytes, topic: str, seq: int, count: int = 1) -> int:
+        """Record ``count`` consecutive seqs from ``seq``; return how many messages were lost
+        just before them (0 if none)."""
         key = (sender, topic)
         last = self._last.get(key)
-        self._last[key] = seq
+        self._last[key] = seq + count - 1
         if last is None or seq <= last + 1:
             return 0
         gap = seq - last - 1

@@ -25,7 +25,7 @@ from typing import Any
 import msgspec
 import zmq
 
-from . import _control, _wire
+from . import _batch, _control, _wire
 from ._errors import Closed, ConnectError, DecodeError
 from ._message import Message
 from ._seq import BurstLog, SequenceTracker
@@ -37,6 +37,7 @@ log = logging.getLogger("vbus.subscriber")
 
 Raw = tuple[bytes, list[zmq.Frame]]
 YIELD_EVERY = 64
+_UNDECODABLE = object()  # a batch entry that failed validation (counted, not delivered)
 LossHook = Callable[[str, str, int], object]
 """``on_loss(topic, sender, count)``: called in the receiving thread when a gap is found."""
 
@@ -63,7 +64,7 @@ def _recv_raw(sock: zmq.Socket[bytes]) -> Raw:
     """One whole message; raises zmq.Again when none is queued."""
     first = sock.recv(zmq.NOBLOCK)
     rest: list[zmq.Frame] = []
-    while sock.rcvmore:
+    while sock.getsockopt(zmq.RCVMORE):
         rest.append(sock.recv(zmq.NOBLOCK, copy=False))
     return first, rest
 
@@ -145,6 +146,8 @@ class Subscriber:
         )
         self._owner = owner
         self._seqs = SequenceTracker()
+        self._batched: deque[Message] = deque()  # decoded from a batch, not yet returned
+        self._batch_decoder = _batch.entries_decoder(type)
         self._replayed: dict[tuple[bytes, str], int] = {}
         self._id = secrets.token_bytes(8)
         self._next_report = 0.0
@@ -195,6 +198,8 @@ class Subscriber:
         while True:
             if self._state is not _State.OPEN:
                 raise Closed(f"subscriber {self._pattern.text!r} was closed")
+            if self._batched:
+                return self._batched.popleft()
             if self._early:
                 raw = self._early.popleft()
             else:
@@ -231,6 +236,8 @@ class Subscriber:
         sender = self._senders.get(env.sender)
         if sender is None:
             sender = self._senders[env.sender] = env.sender.hex()
+        if env.kind == _wire.KIND_BATCH:
+            return self._decode_batch(env, first, sender)
         if replay:
             self._replayed[(env.sender, topic)] = env.seq
         else:
@@ -257,6 +264,60 @@ class Subscriber:
         return Message(
             topic, data, sender, env.seq, env.time, bool(env.flags & _wire.FLAG_RETAINED)
         )
+
+    def _decode_batch(self, env: _wire.Envelope, first: bytes, sender: str) -> Message | None:
+        topic = env.topic
+        payload = memoryview(first)[env.offset :]
+        try:
+            entries = self._batch_decoder.decode(payload)
+        except msgspec.ValidationError:
+            entries = self._decode_entries_one_by_one(payload, topic, sender)
+        except Exception as exc:  # hostile input: anything but a clean batch is counted
+            self._errors += 1
+            self._error_log.event(1, f"{topic!r} from {sender}: malformed batch ({exc!r})")
+            return None
+        seq = env.seq
+        if self._replayed:
+            replayed = self._replayed.get((env.sender, topic))
+            if replayed is not None and replayed >= seq:
+                skip = replayed - seq + 1  # already delivered as retained values
+                entries, seq = entries[skip:], seq + skip
+                if entries:
+                    del self._replayed[(env.sender, topic)]
+        if not entries:
+            return None
+        lost = self._seqs.observe(env.sender, topic, seq, len(entries))
+        if lost:
+            self._loss_log.event(lost, f"{lost} message(s) on {topic!r} from {sender}")
+            self._report_loss()
+            if self._on_loss is not None:
+                self._call_loss_hook(topic, sender, lost)
+        messages = [
+            Message(topic, memoryview(data) if type(data) is bytes and self._type is None
+                    else data, sender, seq + i, when, False)
+            for i, (when, data) in enumerate(entries)
+            if data is not _UNDECODABLE
+        ]
+        self._received += len(messages)
+        if not messages:
+            return None
+        self._batched.extend(messages[1:])
+        return messages[0]
+
+    def _decode_entries_one_by_one(
+        self, payload: memoryview, topic: str, sender: str
+    ) -> list[tuple[float, Any]]:
+        # One entry failed validation: find it, count it, keep the others (and their seqs).
+        entries: list[tuple[float, Any]] = []
+        for when, raw in _batch.RAW_ENTRIES.decode(payload):
+            try:
+                entries.append((when, self._decoder.decode(raw)))
+            except msgspec.ValidationError as exc:
+                self._errors += 1
+                self._error_log.event(1, f"{topic!r} from {sender}: payload does not match "
+                                         f"the requested type: {exc}")
+                entries.append((when, _UNDECODABLE))
+        return entries
 
     def _call_loss_hook(self, topic: str, sender: str, lost: int) -> None:
         try:
@@ -299,6 +360,11 @@ class Subscriber:
     # -- the sync shell ---------------------------------------------------------------------
     def recv(self, timeout: float | None = None) -> Message:
         """The next message. TimeoutError after ``timeout`` s; Closed once closed."""
+        if self._batched and self._state is _State.OPEN:
+            try:
+                return self._batched.popleft()  # the fast path of a flood
+            except IndexError:
+                pass  # another thread took it
         self._claim()
         try:
             deadline = Deadline(timeout)

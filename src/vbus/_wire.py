@@ -36,7 +36,8 @@ KNOWN_FLAGS = FLAG_RETAINED | FLAG_EXTERNAL | FLAG_CLEAR | FLAG_REPLAY
 KIND_MSGPACK = 0
 KIND_BYTES = 1
 KIND_NDARRAY = 2
-KINDS = (KIND_MSGPACK, KIND_BYTES, KIND_NDARRAY)
+KIND_BATCH = 3  # several messages of one publisher and topic; see _batch.py
+KINDS = (KIND_MSGPACK, KIND_BYTES, KIND_NDARRAY, KIND_BATCH)
 
 EXTERNAL_THRESHOLD = 64 * 1024
 """Bytes payloads this large or larger travel in a frame of their own, without copies."""
@@ -153,6 +154,8 @@ def decode_payload(
             return decoder.decode(inline)
         if kind == KIND_BYTES:
             return external if external is not None else inline.toreadonly()
+        if kind == KIND_BATCH:
+            raise DecodeError("a batch holds several messages: decode it with _batch")
         return _decode_ndarray(inline, external)
     except msgspec.ValidationError as exc:
         raise DecodeError(f"payload does not match the requested type: {exc}") from None

@@ -35,7 +35,7 @@ import msgspec
 import PySide6
 from PySide6.QtCore import QCoreApplication, QObject, QSocketNotifier, Signal, SignalInstance
 
-from ._bus import DEFAULT_HWM, Bus
+from ._bus import Bus
 from ._errors import Closed
 from ._message import Message
 from ._publisher import AsyncPublisher, Publisher
@@ -51,6 +51,8 @@ log = logging.getLogger("vbus.qt")
 # Without latest_only, one pass of the GUI's event loop emits for at most this long; the rest
 # waits for the next pass, so paint and input events are served in between.
 DELIVERY_BUDGET = 0.005
+# Without latest_only, at most this many messages wait for the GUI (QtSubscriber's ``hwm``).
+QUEUE_HWM = 10_000
 STOP_TIMEOUT = 1.0
 
 
@@ -235,8 +237,9 @@ class _Relay:
     # -- the QObject's thread ---------------------------------------------------------------
     def _settle(self) -> None:
         # Caller holds self.lock; nothing is pending. Once the worker has finished the
-        # descriptor stays readable, so that this thread comes back to finish.
-        if self.signalled and not self.finished:
+        # descriptor stays readable, so that this thread comes back to finish; once released,
+        # the descriptor is not ours to touch (closed, or the worker's to close).
+        if self.signalled and not self.finished and not self.released:
             self.signalled = False
             self.wake.clear()
 
@@ -319,8 +322,8 @@ class QtSubscriber(QObject):
     replaces it and the replaced one is counted in ``skipped``. Use it for frames and states
     where only the newest matters: the GUI gets the newest, never a backlog.
 
-    Without it every message is delivered, in order; at most ``hwm`` (default: the bus's)
-    wait for the GUI, beyond that they are dropped and counted.
+    Without it every message is delivered, in order; at most ``hwm`` messages (default
+    10 000) wait for the GUI, beyond that they are dropped and counted.
 
     It lives like any QObject (its parent, or your Python reference) and stops when destroyed,
     on ``close()``, when the application is about to quit, and when the bus closes. Create it
@@ -345,9 +348,8 @@ class QtSubscriber(QObject):
         if hwm is not None and hwm < 1:
             raise ValueError(f"hwm must be at least 1, not {hwm}")
         super().__init__(parent)
-        sub = bus.subscribe(pattern, type=type, hwm=hwm)
-        queue_hwm: int = hwm if hwm is not None else getattr(bus, "_hwm", DEFAULT_HWM)
-        relay = self._relay = _Relay(sub, latest_only, queue_hwm)
+        sub = bus.subscribe(pattern, type=type)
+        relay = self._relay = _Relay(sub, latest_only, QUEUE_HWM if hwm is None else hwm)
         try:
             notifier = QSocketNotifier(relay.wake.fileno(), QSocketNotifier.Type.Read, self)
             notifier.activated.connect(self._on_ready)

@@ -43,7 +43,9 @@ class BrokerProcess:
                 self.proc.wait(timeout=5.0)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-                self.proc.wait()
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            if pipe is not None:
+                pipe.close()
         return self.proc.returncode
 
     def __enter__(self) -> BrokerProcess:

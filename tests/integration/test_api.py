@@ -78,7 +78,12 @@ def test_stats_count_messages_subscribers_and_drops(bus: vbus.Bus) -> None:
     assert bus.stats().per_subscriber == ()
 
 
-def test_slow_subscriber_loses_alone_and_counts_it(bus: vbus.Bus) -> None:
+def test_slow_subscriber_loses_alone_and_counts_it(leakcheck: object) -> None:
+    with vbus.Bus(hwm=2000, batch_delay=0) as bus:  # the slow one must overflow
+        _slow_subscriber_loses_alone(bus)
+
+
+def _slow_subscriber_loses_alone(bus: vbus.Bus) -> None:
     fast = bus.subscribe("flood", hwm=100_000)
     slow = bus.subscribe("flood", hwm=10)
     pub = bus.publisher()

@@ -3,13 +3,27 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+
+import pytest
 
 import vbus
 
 
-def test_on_loss_hook_and_exact_accounting_with_a_stalled_subscriber(bus: vbus.Bus) -> None:
+@pytest.fixture
+def small_bus(leakcheck: object) -> Iterator[vbus.Bus]:
+    """Queues of 2000 messages and no batching (a batch of small messages counts as one):
+    a stalled subscriber overflows after 2000 + its own hwm."""
+    with vbus.Bus(hwm=2000, batch_delay=0) as bus:
+        yield bus
+
+
+def test_on_loss_hook_and_exact_accounting_with_a_stalled_subscriber(
+    small_bus: vbus.Bus,
+) -> None:
     """50 000 messages, one fast and one stalled subscriber: received + dropped == published
     for each, the publisher never blocks, the fast one gets everything."""
+    bus = small_bus
     losses: list[tuple[str, str, int]] = []
     fast = bus.subscribe("flood/*", hwm=200_000)
     stalled = bus.subscribe("flood/*", hwm=100, on_loss=lambda *a: losses.append(a))
@@ -36,7 +50,8 @@ def test_on_loss_hook_and_exact_accounting_with_a_stalled_subscriber(bus: vbus.B
     assert pub.stats().dropped == 0 and pub.stats().published == n + 1
 
 
-def test_loss_hook_that_raises_is_counted_not_fatal(bus: vbus.Bus) -> None:
+def test_loss_hook_that_raises_is_counted_not_fatal(small_bus: vbus.Bus) -> None:
+    bus = small_bus
     def broken(topic: str, sender: str, count: int) -> None:
         raise RuntimeError("hook bug")
 

@@ -1,0 +1,65 @@
+"""The flusher: sends the batches that publishers started and nobody completed in time.
+
+A publisher sends each message at once unless it is publishing in a burst; then it batches, and
+a batch goes out when full, when the next message comes after it is ``delay`` old, or, if no
+more come, when this thread finds it due. One thread per bus, started with the first batch;
+it sleeps on a condition, woken when a publisher starts a batch or when the bus closes.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from ._threads import Deadline, block_signals, join
+
+
+class Flusher:
+    def __init__(self, name: str, delay: float) -> None:
+        self.delay = delay
+        self.name = name
+        self._cond = threading.Condition()
+        self._due: dict[Any, float] = {}  # publisher -> monotonic time its batches are due
+        self._stopped = False
+        self.thread: threading.Thread | None = None
+
+    def due(self, publisher: Any, started: float) -> None:
+        """A publisher started a batch at ``started`` (monotonic). Called under its lock."""
+        with self._cond:
+            if self._stopped:
+                return  # the publisher flushes when it closes
+            wake = not self._due
+            self._due.setdefault(publisher, started + self.delay)
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, name=self.name)
+                self.thread.start()
+            elif wake:
+                self._cond.notify()
+
+    def _run(self) -> None:
+        block_signals()
+        while True:
+            with self._cond:
+                while not self._due and not self._stopped:
+                    self._cond.wait()  # woken by due() or stop()
+                if self._stopped:
+                    return
+                wait = min(self._due.values()) - time.monotonic()
+                if wait > 0:
+                    self._cond.wait(wait)
+                    continue
+                now = time.monotonic()
+                ready = [p for p, at in self._due.items() if at <= now]
+                for p in ready:
+                    del self._due[p]
+            # Without our lock: a publisher takes its own lock first, then ours.
+            for p in ready:
+                p._flush_batches()
+
+    def stop(self, deadline: Deadline) -> bool:
+        with self._cond:
+            self._stopped = True
+            self._due.clear()
+            self._cond.notify()
+        return join(self.thread, deadline)
