@@ -57,3 +57,17 @@ def entries_decoder(type: Any) -> msgspec.msgpack.Decoder[Any]:
     """Decodes a batch's payload into ``[(time, data), ...]``, ``data`` validated as ``type``."""
     item = Any if type is None else type
     return msgspec.msgpack.Decoder(list[tuple[float, item]])  # type: ignore[valid-type]
+
+
+def count(payload: memoryview) -> int:
+    """How many messages a batch payload holds, from its msgpack array header alone."""
+    if not payload:
+        return 0
+    head = payload[0]
+    if 0x90 <= head <= 0x9F:
+        return head & 0x0F
+    if head == 0xDC and len(payload) >= 3:
+        return int.from_bytes(payload[1:3], "big")
+    if head == 0xDD and len(payload) >= 5:
+        return int.from_bytes(payload[1:5], "big")
+    return 0

@@ -37,7 +37,8 @@ MONITORED_EVENTS = (
 
 
 class BrokerStats(msgspec.Struct, frozen=True):
-    """Counters of the forwarder: messages and bytes from publishers and to subscribers."""
+    """Counters of the forwarder: ZeroMQ messages and bytes in from publishers and out
+    (a message sent to several subscribers counts once), and the active subscribers."""
 
     messages_in: int = 0
     bytes_in: int = 0
@@ -87,7 +88,7 @@ class Broker:
         monitors = [self._monitor(side) for side in ("publish", "subscribe")] if wanted else []
         self.service = BrokerService(
             context, self.id, self.inproc.publish, self.inproc.subscribe, self._forwarder_counts,
-            monitors, zap, security.authorizer if security is not None else None,
+            monitors, zap, security.authorizer if security is not None else None, hwm,
         )
         service_started: Started[None] = Started()
         self._service = threading.Thread(

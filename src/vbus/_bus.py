@@ -22,6 +22,10 @@ from ._broker import MAX_MESSAGE_SIZE, Broker
 from ._control import Report, report_frame
 from ._endpoints import AddressError, is_loopback, parse_address
 from ._errors import Closed, ConnectError, VbusError
+from ._flusher import Flusher
+from ._loop import BackgroundLoop
+from ._message import Message
+from ._publisher import LINGER, AsyncPublisher, Publisher, PublisherStats, connect_publisher
 from ._security import (
     Authorized,
     ClientSecurity,
@@ -29,10 +33,6 @@ from ._security import (
     client_security,
     server_security,
 )
-from ._flusher import Flusher
-from ._loop import BackgroundLoop
-from ._message import Message
-from ._publisher import LINGER, AsyncPublisher, Publisher, PublisherStats, connect_publisher
 from ._subscriber import (
     AsyncSubscriber,
     LossHook,

@@ -9,7 +9,6 @@ import os
 import time
 from typing import Any
 
-from . import _control
 from ._cmd_common import (
     Progress,
     RateMeter,
@@ -71,31 +70,17 @@ def need_mcap(command: str) -> None:
 
 class FrameSource:
     """The ZeroMQ messages behind a subscriber's messages, each once and as published:
-    frame 1 and the external frame (or None).
-
-    A batch (several messages of one publisher and topic in one frame) is one ZeroMQ message
-    for several vbus messages. A retained value that the broker replays arrives wrapped in the
-    subscriber's ``$vbus/ready/<token>`` frame, which ``Subscriber._recv_frames`` returns as
-    is; it is unwrapped here.
-    """
+    frame 1 and the external frame (or None). A batch (several messages of one publisher and
+    topic in one frame) is one ZeroMQ message for several vbus messages."""
 
     def __init__(self, sub: Any) -> None:
         self._sub = sub
-        self._last: object = None
 
     def recv(self, timeout: float | None) -> tuple[bytes, bytes | None] | None:
         """The frames of the next message; None when they came with the one before (a batch).
         TimeoutError after ``timeout``."""
-        _msg, first, external = self._sub._recv_frames(timeout)
-        raw = self._sub._last_raw
-        if raw is self._last:
-            return None
-        self._last = raw
-        if first.startswith(_control.READY):
-            rest = raw[1]
-            first = rest[0].bytes
-            external = rest[1].bytes if len(rest) > 1 else None
-        return first, external
+        frames: tuple[bytes, bytes | None] | None = self._sub._recv_frames(timeout)[1]
+        return frames
 
 
 def run_record(args: argparse.Namespace) -> int:

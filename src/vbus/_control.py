@@ -19,7 +19,7 @@ them all active. Once connected, subscriptions go out in call order, which is th
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
@@ -57,13 +57,17 @@ def parse_want(subscription: bytes) -> tuple[bytes, str] | None:
         return None
 
 
+Count = Annotated[int, msgspec.Meta(ge=0, le=2**53)]  # anything else is not a real count
+
+
 class Report(msgspec.Struct, frozen=True, omit_defaults=True):
     """Counters a publisher or subscriber sends to the broker, cumulative since it started."""
 
     kind: str  # "publisher" or "subscriber"
-    topics: dict[str, tuple[int, int]] = {}  # publisher: topic -> (messages, bytes)
-    received: int = 0
-    dropped: int = 0
+    topics: dict[str, tuple[Count, Count]] = {}  # publisher: topic -> (messages, bytes)
+    received: Count = 0
+    dropped: Count = 0
+    closed: bool = False  # the last report of a publisher that closed
 
 
 _REPORT_ENCODER = msgspec.msgpack.Encoder()

@@ -10,6 +10,7 @@ from ._topics import Pattern
 
 MAX_RETAINED_TOPICS = 100_000
 MAX_REPORTERS = 100_000
+_MAX_COUNT = 2**63 - 1  # sums of many reports stay encodable
 
 
 class RetainedStore:
@@ -72,6 +73,7 @@ class Ledger:
         dt = None if self._last_time is None else max(now - self._last_time, 1e-9)
         topics = {}
         for topic, (messages, size) in sorted(totals.items()):
+            messages, size = min(messages, _MAX_COUNT), min(size, _MAX_COUNT)
             pm, pb = self._last_totals.get(topic, (messages, size))
             topics[topic] = {
                 "messages": messages,
@@ -80,16 +82,16 @@ class Ledger:
                 "byte_rate": (size - pb) / dt if dt else 0.0,
             }
         self._last_time, self._last_totals = now, totals
-        dropped = sum(r.dropped for r in self._publishers.values()) + sum(
+        dropped = min(_MAX_COUNT, sum(r.dropped for r in self._publishers.values()) + sum(
             r.dropped for r in self._subscribers.values()
-        )
+        ))
         return {
             "broker": self._id,
             "time": now,
             "uptime": now - self._started,
             **forwarder,
             "subscribers": subscribers,
-            "publishers": len(self._publishers),
+            "publishers": sum(not r.closed for r in self._publishers.values()),
             "dropped": dropped,
             "topics": topics,
         }

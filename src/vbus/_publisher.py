@@ -20,7 +20,7 @@ import zmq
 
 from . import _batch, _control, _wire
 from ._batch import Batch
-from ._errors import Closed, ConnectError, EncodeError
+from ._errors import Closed, ConnectError, DecodeError, EncodeError
 from ._flusher import Flusher
 from ._threads import Deadline
 from ._topics import topic_prefix, validate_topic
@@ -88,6 +88,7 @@ class Publisher:
         self._prefixes: dict[str, bytes] = {}
         self._seqs: dict[str, int] = {}  # per topic: the last seq, i.e. messages published
         self._bytes: dict[str, int] = {}
+        self._relayed: dict[str, int] = {}  # per topic: messages sent as ready-made frames
         self._published = 0
         self._dropped = 0
         self._next_report = 0.0
@@ -209,12 +210,15 @@ class Publisher:
             )
             self._send(frame, None, count=0)
 
-    def _report(self, now: float) -> None:
+    def _report(self, now: float, closed: bool = False) -> None:
         # Caller holds self._lock. Cumulative counters, at most once a second while publishing
         # and once at close: the broker's $vbus/stats sums them per topic.
         self._next_report = now + REPORT_PERIOD
-        topics = {t: (n, self._bytes.get(t, 0)) for t, n in self._seqs.items()}
-        report = _control.Report("publisher", topics=topics, dropped=self._dropped)
+        counts = dict(self._relayed)
+        for t, n in self._seqs.items():
+            counts[t] = counts.get(t, 0) + n
+        topics = {t: (n, self._bytes.get(t, 0)) for t, n in counts.items()}
+        report = _control.Report("publisher", topics=topics, dropped=self._dropped, closed=closed)
         self._send(_control.report_frame(self._sender, report), None, count=0)
 
     def _send_control(self, frame: bytes) -> None:
@@ -226,10 +230,25 @@ class Publisher:
 
     def _publish_frames(self, frame: bytes, external: Any = None) -> None:
         """Send a message that is already framed (replay keeps its original header)."""
+        try:
+            env = _wire.parse_envelope(frame)
+            topic: str | None = env.topic
+            count = 1
+            if env.kind == _wire.KIND_BATCH:
+                count = _batch.count(memoryview(frame)[env.offset :])
+        except DecodeError:
+            topic, count = None, 1
         with self._lock:
             if self._closed:
                 raise Closed("publisher is closed")
-            self._send(frame, external)
+            self._send(frame, external, count=count)
+            if topic is not None:  # the broker's per-topic counts see replayed traffic too
+                self._relayed[topic] = self._relayed.get(topic, 0) + count
+                size = len(frame) + (0 if external is None else len(external))
+                self._bytes[topic] = self._bytes.get(topic, 0) + size
+                now = time.time()
+                if now >= self._next_report:
+                    self._report(now)
 
     def _send(self, frame: bytes, external: Any, count: int = 1) -> None:
         # Caller holds self._lock. ``count``: the messages in it (0 for control messages).
@@ -278,7 +297,7 @@ class Publisher:
             for topic, batch in list(self._batches.items()):
                 self._flush(topic, batch)
             if self._published:
-                self._report(time.time())
+                self._report(time.time(), closed=True)
             self._closed = True
             self._sock.close(int(max(linger, 0.0) * 1000))
         if self._owner is not None:

@@ -13,7 +13,7 @@ import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Union
+from typing import TypeAlias
 
 import msgspec
 import zmq
@@ -112,7 +112,7 @@ def load_public_key(path: str | os.PathLike[str]) -> str:
     return check_key(_read_keys(path)["public"], f"public key in {os.fspath(path)!r}")
 
 
-Authorized = Union[str, os.PathLike[str], Iterable[str]]
+Authorized: TypeAlias = "str | os.PathLike[str] | Iterable[str]"
 
 
 class Authorizer:

@@ -44,6 +44,7 @@ class BrokerService:
         monitors: Sequence[str] = (),
         zap: zmq.Socket[bytes] | None = None,
         authorizer: Authorizer | None = None,
+        queue: int = 1000,
     ) -> None:
         self._context = context
         self._id = broker_id
@@ -55,8 +56,11 @@ class BrokerService:
         self._zap = zap
         self._authorizer = authorizer
         self._denied: dict[str, None] = {}  # who was denied already: logged once each
-        self.peers = {"accepted": 0, "disconnected": 0, "rejected": 0, "denied": 0}
+        self.peers = {"accepted": 0, "disconnected": 0, "rejected": 0, "denied": 0,
+                      "replays_skipped": 0}
+        self._max_replay = max(1, queue // 2)
         self._rejections = BurstLog(log, "broker refused a network peer")
+        self._failures = BurstLog(log, "broker service skipped bad input")
         self.waker = Waker()
         self.subscribers: set[bytes] = set()
         self.retained = RetainedStore()
@@ -131,18 +135,23 @@ class BrokerService:
             events = dict(poller.poll(int(timeout * 1000) + 1))
             if waker in events:
                 return  # stop() woke us
-            if into in events:
-                self._drain_data(into)
-            if out in events:
-                self._drain_subscriptions(out, into)
-            for sock in monitors:
-                if sock in events:
-                    self._drain_monitor(sock)
-            if self._zap is not None and self._zap in events:
-                self._authenticate(self._zap)
-            if time.monotonic() >= next_stats:
-                next_stats += STATS_PERIOD
-                self._publish_stats(out)
+            try:
+                if into in events:
+                    self._drain_data(into)
+                if out in events:
+                    self._drain_subscriptions(out, into)
+                for sock in monitors:
+                    if sock in events:
+                        self._drain_monitor(sock)
+                if self._zap is not None and self._zap in events:
+                    self._authenticate(self._zap)
+                if time.monotonic() >= next_stats:
+                    next_stats = time.monotonic() + STATS_PERIOD
+                    self._publish_stats(out)
+            except zmq.ZMQError:
+                raise
+            except Exception as exc:  # whatever a peer sent, the broker keeps serving
+                self._failures.event(1, f"{exc!r}", exc_info=exc)
 
     def _drain_data(self, into: zmq.Socket[bytes]) -> None:
         while True:
@@ -238,7 +247,15 @@ class BrokerService:
                 # Retained copies forwarded before this subscription was applied are queued
                 # on our SUB: take them first, so the replay misses none of them.
                 self._drain_data(into)
-                for frames in self.retained.matching(pattern):
+                matching = self.retained.matching(pattern)
+                if len(matching) > self._max_replay:
+                    # More than the subscriber's queue could take at once: the rest would be
+                    # lost silently, and with it the confirmation. Say so instead.
+                    self.peers["replays_skipped"] += len(matching) - self._max_replay
+                    log.warning("broker %s: %d retained values match %r; replaying the first "
+                                "%d", self._id, len(matching), pattern.text, self._max_replay)
+                    matching = matching[: self._max_replay]
+                for frames in matching:
                     head = _control.control_frame(ready, self._sender, _wire.FLAG_REPLAY)
                     out.send_multipart([head, *frames], zmq.NOBLOCK)
             out.send(_control.control_frame(ready, self._sender), zmq.NOBLOCK)

@@ -161,7 +161,8 @@ class Subscriber:
         self._state = _State.OPEN
         self._receiver: int | None = None  # ident of the thread inside recv()
         self._closed_event = threading.Event()
-        self._last_raw: Raw | None = None
+        self._last_raw: tuple[bytes, list[Any]] | None = None  # frames of the last decoded
+        self._recorded: object = None  # the frames _recv_frames returned last
         self._waker = Waker()
         self._poller = zmq.Poller()
         self._poller.register(sock, zmq.POLLIN)
@@ -209,7 +210,6 @@ class Subscriber:
                     return None
             msg = self._decode(*raw)
             if msg is not None:
-                self._last_raw = raw
                 return msg
 
     def _decode(
@@ -261,6 +261,7 @@ class Subscriber:
             self._error_log.event(1, f"{topic!r} from {sender}: {exc}")
             return None
         self._received += 1
+        self._last_raw = (first, rest)
         return Message(
             topic, data, sender, env.seq, env.time, bool(env.flags & _wire.FLAG_RETAINED)
         )
@@ -301,6 +302,7 @@ class Subscriber:
         self._received += len(messages)
         if not messages:
             return None
+        self._last_raw = (first, [])
         self._batched.extend(messages[1:])
         return messages[0]
 
@@ -378,12 +380,19 @@ class Subscriber:
         finally:
             self._release()
 
-    def _recv_frames(self, timeout: float | None = None) -> tuple[Message, bytes, bytes | None]:
-        """Like recv(), plus the message's raw first frame and external frame (recording)."""
+    def _recv_frames(
+        self, timeout: float | None = None
+    ) -> tuple[Message, tuple[bytes, bytes | None] | None]:
+        """Like recv(), plus the frames the message came in, as published (frame 1 and the
+        external frame or None), for recording; None instead when they came with the message
+        before (a batch carries several). A replayed retained value gives its own frames."""
         msg = self.recv(timeout)
-        assert self._last_raw is not None
-        first, rest = self._last_raw
-        return msg, first, rest[0].bytes if rest else None
+        raw = self._last_raw
+        if raw is None or raw is self._recorded:
+            return msg, None
+        self._recorded = raw
+        first, rest = raw
+        return msg, (first, rest[0].bytes if rest else None)
 
     def _wait(self, deadline: Deadline) -> None:
         remaining = deadline.remaining()

@@ -316,13 +316,12 @@ KINDS = {0: "msgpack", 1: "bytes", 2: "ndarray", 3: "batch"}
 def _received(sub: vbus.Subscriber, count: int) -> tuple[list[vbus.Message], list[Any]]:
     """The next ``count`` messages, and the ZeroMQ messages that carried them, each once (a
     batch carries several): (frame 1, external frame or None)."""
-    messages, frames, last = [], [], None
+    messages, frames = [], []
     for _ in range(count):
-        msg, first, external = sub._recv_frames(timeout=5.0)
+        msg, carried = sub._recv_frames(timeout=5.0)
         messages.append(msg)
-        if sub._last_raw is not last:
-            last = sub._last_raw
-            frames.append((first, external))
+        if carried is not None:
+            frames.append(carried)
     return messages, frames
 
 

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 import zmq
+from tests.conftest import LeakCheck
 
 import vbus
-from tests.conftest import LeakCheck
 from vbus._endpoints import parse_address
 from vbus._security import write_keypair
 
