@@ -20,6 +20,16 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "bench_worker.py"
+CHILD_ENV: dict[str, str] = {}  # added to every worker's environment (run.py --src)
+
+
+def use_vbus_from(src: Path) -> None:
+    """Workers import vbus from ``src`` (a checkout's src/ folder) instead of the installed
+    one: to measure a baseline beside the working tree."""
+    path = str(src.resolve())
+    CHILD_ENV["PYTHONPATH"] = os.pathsep.join(
+        p for p in (path, os.environ.get("PYTHONPATH", "")) if p
+    )
 
 
 class BenchError(RuntimeError):
@@ -31,8 +41,9 @@ class Child:
 
     def __init__(self, role: str, args: dict[str, Any], name: str | None = None) -> None:
         self.name = name or role
-        self._stderr = tempfile.TemporaryFile()
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        # stderr goes to a file kept for the child's lifetime: shown when it fails
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed in close()
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **CHILD_ENV)
         self.proc = subprocess.Popen(
             [sys.executable, str(WORKER), role, json.dumps(args)],
             stdin=subprocess.PIPE,
@@ -213,7 +224,7 @@ def machine() -> dict[str, str]:
     info["pyzmq / libzmq"] = f"{zmq.pyzmq_version()} / {zmq.zmq_version()}"
     for name in ("msgspec", "numpy", "zenoh"):
         info[name] = _version(name)
-    info["vbus"] = _version("vbus") + _git_rev()
+    info["vbus"] = _vbus_in_children()
     with contextlib.suppress(OSError):
         info["load average at start"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     return info
@@ -229,15 +240,27 @@ def _version(name: str) -> str:
         return "not installed"
 
 
-def _git_rev() -> str:
+def _vbus_in_children() -> str:
+    """Which vbus the workers import, and the git state of its checkout."""
     try:
         out = subprocess.run(
-            ["git", "-C", str(HERE), "describe", "--always", "--dirty"],
+            [sys.executable, "-c", "import vbus; print(vbus.__file__)"],
+            capture_output=True, text=True, timeout=30, env=dict(os.environ, **CHILD_ENV),
+        )
+        where = Path(out.stdout.strip()).parent
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    text = f"{_version('vbus')} from {where}"
+    try:
+        git = subprocess.run(
+            ["git", "-C", str(where), "describe", "--always", "--dirty"],
             capture_output=True, text=True, timeout=5,
         )
-        return f" (git {out.stdout.strip()})" if out.returncode == 0 else ""
+        if git.returncode == 0:
+            text += f" (git {git.stdout.strip()})"
     except (OSError, subprocess.TimeoutExpired):
-        return ""
+        pass
+    return text
 
 
 def zenoh_available() -> bool:

@@ -169,16 +169,20 @@ class VbusTx:
         topic = self.topic
         data = self.data
         n = 0
-        rng = range(batch)
         while n < max_count:
-            for _ in rng:
+            for _ in range(min(batch, max_count - n)):
                 publish(topic, data)
-            n += batch
+            n += min(batch, max_count - n)
             if now() >= end:
                 break
         return n
 
     burst_locked = burst  # a vbus Publisher is thread-safe
+
+    def fence(self) -> None:
+        """One last message after a run: the gap before it reveals losses at the run's tail
+        (a subscriber counts a loss when the next message shows the gap)."""
+        self.pub.publish(self.topic, None)
 
     def dropped_delta(self) -> int | None:
         total = self.pub.stats().dropped
@@ -229,6 +233,15 @@ class VbusRx:
             self.first = data
         return n, t_first, t_last
 
+    def wait_fence(self, timeout: float = 5.0) -> bool:
+        end = now() + timeout
+        try:
+            while self.sub.recv(timeout=max(end - now(), 0.0)).data is not None:
+                pass
+        except TimeoutError:
+            return False
+        return True
+
     def dropped_delta(self) -> int | None:
         total = self.sub.stats().dropped
         delta, self._dropped = total - self._dropped, total
@@ -267,9 +280,39 @@ class RawEnv:
         getattr(sock, mode)(endpoint)
         return sock
 
+    def start_proxy(self) -> None:
+        """The raw counterpart of vbus's embedded broker: ``zmq.proxy`` on a thread of this
+        process, XSUB at inproc://bench-front, XPUB at inproc://bench-back."""
+        zmq = _zmq()
+        front, back = self.ctx.socket(zmq.XSUB), self.ctx.socket(zmq.XPUB)
+        for sock in (front, back):
+            sock.linger = 0
+        front.rcvhwm = HWM
+        back.sndhwm = HWM
+        front.bind("inproc://bench-front")
+        back.bind("inproc://bench-back")
+
+        def run() -> None:
+            try:
+                zmq.proxy(front, back)
+            except zmq.ContextTerminated:
+                pass
+            finally:
+                front.close(0)
+                back.close(0)
+
+        self.proxy = threading.Thread(target=run, name="raw-proxy")
+        self.proxy.start()
+
     def close(self) -> None:
         if self.owned:
-            self.ctx.term()
+            self.ctx.term()  # the proxy thread's sockets see ETERM and close
+        proxy = getattr(self, "proxy", None)
+        if proxy is not None:
+            proxy.join(10.0)
+
+
+IN_PROXY = {"pub": ["connect", "inproc://bench-front"], "sub": ["connect", "inproc://bench-back"]}
 
 
 class RawTx:
@@ -306,21 +349,20 @@ class RawTx:
         prefix = self.prefix
         data = self.data
         n = 0
-        rng = range(batch)
         if self.spec["kind"] == "bytes" and len(data) < 65536:
             while n < max_count:
-                for _ in rng:
+                for _ in range(min(batch, max_count - n)):
                     send(prefix + data)
-                n += batch
+                n += min(batch, max_count - n)
                 if now() >= end:
                     break
         else:
             more = zmq.SNDMORE
             while n < max_count:
-                for _ in rng:
+                for _ in range(min(batch, max_count - n)):
                     send(prefix, more)
                     send(data, copy=False)
-                n += batch
+                n += min(batch, max_count - n)
                 if now() >= end:
                     break
         return n
@@ -332,12 +374,11 @@ class RawTx:
         prefix = self.prefix
         data = self.data
         n = 0
-        rng = range(batch)
         while n < max_count:
-            for _ in rng:
+            for _ in range(min(batch, max_count - n)):
                 with lock:
                     send(prefix + data)
-            n += batch
+            n += min(batch, max_count - n)
             if now() >= end:
                 break
         return n
@@ -510,19 +551,18 @@ class ZenohTx:
         put = self.pub.put
         data = self.data
         n = 0
-        rng = range(batch)
         if self.spec["kind"] == "bytes":
             while n < max_count:
-                for _ in rng:
+                for _ in range(min(batch, max_count - n)):
                     put(data)
-                n += batch
+                n += min(batch, max_count - n)
                 if now() >= end:
                     break
         else:
             while n < max_count:  # zenoh takes bytes only: the array is copied
-                for _ in rng:
+                for _ in range(min(batch, max_count - n)):
                     put(data.tobytes())
-                n += batch
+                n += min(batch, max_count - n)
                 if now() >= end:
                     break
         return n
@@ -591,12 +631,14 @@ class ZenohRx:
 
     def pump(self, gap: float, limit: float) -> tuple[int, float, float]:
         end = now() + gap
-        start = self._seen
+        start = last = self._seen
         while now() < end:
             time.sleep(0.002)
-            if self.count - start >= limit:
+            count = self.count
+            if count - start >= limit:
                 break
-            if self.count != start:
+            if count != last:
+                last = count
                 end = now() + gap  # still arriving
         n = self.count - start
         self._seen += n
@@ -639,12 +681,7 @@ def run_receiver(rx: Any, sent: Any, max_wait: float) -> dict[str, Any]:
             break
     if received:
         check_received(rx.spec, rx.first)
-    return {
-        "received": received,
-        "t_first": t_first,
-        "t_last": t_last,
-        "counted_lost": rx.dropped_delta(),
-    }
+    return {"received": received, "t_first": t_first, "t_last": t_last}
 
 
 def run_sender(tx: Any, cmd: dict[str, Any]) -> dict[str, Any]:
@@ -715,6 +752,9 @@ def pub_role(args: dict[str, Any], stdin: Stdin) -> None:
                 if cmd.get("payload") and cmd["payload"] != tx.spec:
                     tx.set_payload(cmd["payload"])
                 say("RESULT", run_sender(tx, cmd))
+            elif cmd["cmd"] == "fence":
+                tx.fence()
+                say("FENCED")
     finally:
         tx.close()
         env.close()
@@ -745,10 +785,46 @@ def sub_role(args: dict[str, Any], stdin: Stdin) -> None:
                 c = stdin.poll(0.0)
                 return None if c is None else int(c["n"])
 
-            say("RESULT", run_receiver(rx, sent, float(cmd.get("max_wait", 120.0))))
+            result = run_receiver(rx, sent, float(cmd.get("max_wait", 120.0)))
+            if impl == "vbus":
+                say("DRAINED")  # the controller has the publisher send the fence
+                result["fenced"] = rx.wait_fence()
+            result["counted_lost"] = rx.dropped_delta()
+            say("RESULT", result)
     finally:
         rx.close()
         env.close()
+
+
+def embedded_run(impl: str, tx: Any, rx: Any, cmd: dict[str, Any]) -> dict[str, Any]:
+    """One run in one process: the publisher on a thread, the subscriber on this one."""
+    rx.drain()
+    rx.reset()
+    box: dict[str, Any] = {}
+
+    def send() -> None:
+        try:
+            box.update(run_sender(tx, cmd))
+        except BaseException as exc:
+            box["error"] = exc
+            box["sent"] = 0
+            raise
+
+    pub = threading.Thread(target=send, name="publisher")
+    pub.start()
+    result = run_receiver(rx, lambda: box.get("sent"), float(cmd.get("max_wait", 120)))
+    pub.join()
+    if "error" in box:
+        raise RuntimeError(f"publisher thread failed: {box['error']!r}")
+    if impl == "vbus":
+        tx.fence()
+        result["fenced"] = rx.wait_fence()
+    result["counted_lost"] = rx.dropped_delta()
+    if rx.first is not None and rx.spec["kind"] == "ndarray":
+        import numpy as np
+
+        result["zero_copy"] = bool(np.shares_memory(rx.first, tx.data))
+    return {"pub": box, "sub": result}
 
 
 def embedded_role(args: dict[str, Any], stdin: Stdin) -> None:
@@ -759,7 +835,12 @@ def embedded_role(args: dict[str, Any], stdin: Stdin) -> None:
         env: Any = VbusEnv(None)
         rx: Any = VbusRx(env, TOPIC, spec)
         tx: Any = VbusTx(env, TOPIC, spec)
-    elif impl == "raw":
+    elif impl == "raw":  # through a zmq.proxy thread, like vbus's embedded broker
+        env = RawEnv(IN_PROXY)
+        env.start_proxy()
+        tx = RawTx(env, TOPIC, spec)
+        rx = RawRx(env, TOPIC, spec)
+    elif impl == "direct":  # PUB bound, SUB connected: no broker at all
         env = RawEnv({"pub": ["bind", "inproc://bench-data"], "sub": ["connect",
                                                                      "inproc://bench-data"]})
         tx = RawTx(env, TOPIC, spec)
@@ -789,18 +870,7 @@ def embedded_role(args: dict[str, Any], stdin: Stdin) -> None:
             if cmd.get("payload"):
                 rx.spec = cmd["payload"]
                 tx.set_payload(cmd["payload"])
-            rx.drain()
-            rx.reset()
-            box: dict[str, Any] = {}
-            pub = threading.Thread(target=lambda c=cmd: box.update(run_sender(tx, c)))
-            pub.start()
-            result = run_receiver(rx, lambda: box.get("sent"), float(cmd.get("max_wait", 120)))
-            pub.join()
-            if rx.first is not None and rx.spec["kind"] == "ndarray":
-                import numpy as np
-
-                result["zero_copy"] = bool(np.shares_memory(rx.first, tx.data))
-            say("RESULT", {"pub": box, "sub": result})
+            say("RESULT", embedded_run(impl, tx, rx, cmd))
     finally:
         tx.close()
         rx.close()
@@ -1024,7 +1094,11 @@ def latency_embedded_role(args: dict[str, Any], stdin: Stdin) -> None:
     impl = args["impl"]
     if impl == "vbus":
         env: Any = VbusEnv(None)
-    elif impl == "raw":
+    elif impl == "raw":  # through a zmq.proxy thread, like vbus's embedded broker
+        env = RawEnv({f"{side}_{kind}": IN_PROXY[kind] for side in ("ping", "echo")
+                      for kind in ("pub", "sub")})
+        env.start_proxy()
+    elif impl == "direct":
         env = RawEnv({
             "ping_pub": ["bind", "inproc://bench-ping"],
             "echo_sub": ["connect", "inproc://bench-ping"],
@@ -1033,12 +1107,9 @@ def latency_embedded_role(args: dict[str, Any], stdin: Stdin) -> None:
         })
     else:
         env = ZenohEnv()
-    if impl == "raw":  # binds first: inproc connects need the bound end
-        pinger = Pinger(impl, env)
-        echo = Echo(impl, env)
-    else:
-        echo = Echo(impl, env)
-        pinger = Pinger(impl, env)
+    impl = "raw" if impl == "direct" else impl  # the same raw code, other sockets
+    echo = Echo(impl, env)
+    pinger = Pinger(impl, env)
     thread = threading.Thread(target=echo.run, name="echo")
     thread.start()
     try:

@@ -14,14 +14,17 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vbus._demo_gui import run_gui_demo
-
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=None, metavar="S",
                         help="close after S seconds (default: when the window is closed)")
     args = parser.parse_args()
+    try:
+        from vbus._demo_gui import run_gui_demo
+    except ImportError as exc:  # PySide6 or numpy missing, or a PySide6 that cannot work here
+        print(f"qt_viewer: {exc}", file=sys.stderr)
+        return 1
     return run_gui_demo(duration=args.duration)
 
 

@@ -36,13 +36,19 @@ class LeakCheck:
         # Threads that a close() from inside a callback let finish on their own get a grace
         # period to end; joining them is what a second close() would do.
         deadline = time.monotonic() + grace
-        for thread in set(threading.enumerate()) - self.threads:
+        for thread in self._new_threads():
             thread.join(max(deadline - time.monotonic(), 0.0))
-        left = [t.name for t in set(threading.enumerate()) - self.threads]
+        left = [t.name for t in self._new_threads()]
         assert not left, f"threads left behind: {left}"
         leaked = _fds() - self.fds
         described = {fd: _describe(fd) for fd in leaked}
         assert not leaked, f"file descriptors left behind: {described}"
+
+
+    def _new_threads(self) -> list[threading.Thread]:
+        # Threads Python did not start (Qt's own, say) show up as dummies: not ours to join.
+        return [t for t in set(threading.enumerate()) - self.threads
+                if not isinstance(t, threading._DummyThread)]
 
 
 def _describe(fd: int) -> str:

@@ -193,6 +193,9 @@ class Bus:
     def closed(self) -> bool:
         return self._state is not _State.OPEN
 
+    def _closing(self) -> bool:
+        return self._state is not _State.OPEN
+
     def _check_open(self) -> None:
         if self._state is not _State.OPEN:
             raise Closed("the bus is closed")
@@ -326,14 +329,15 @@ class Bus:
         if _is_async(callback):
             asub = self._subscribe(AsyncSubscriber, pattern, type, hwm, on_loss)
             try:
-                self._ensure_loop().submit(_run_async_callback(asub, callback))
+                self._ensure_loop().submit(_run_async_callback(asub, callback, self._closing))
             except BaseException:
                 asub.close()
                 raise
             return
         sub = self._subscribe(Subscriber, pattern, type, hwm, on_loss)
         thread = threading.Thread(
-            target=_run_sync_callback, args=(sub, callback), name=f"vbus-callback-{pattern}"
+            target=_run_sync_callback, args=(sub, callback, self._closing),
+            name=f"vbus-callback-{pattern}",
         )
         with self._lock:
             self._callback_threads.append(thread)
@@ -530,8 +534,9 @@ def _probe(context: zmq.Context[zmq.Socket[bytes]], endpoint: str, timeout: floa
                 event = parse_monitor_message(monitor.recv_multipart())["event"]
                 if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                     return "the broker at {address} refused this client's key (not authorized)"
-                return ("the security handshake with {address} failed: check keypair= and "
-                        "server_key= (does the broker use CURVE keys, and is it this one?)")
+                return ("the security handshake with {address} failed: check this client's "
+                        "keys and the broker's public key (does the broker use CURVE keys, "
+                        "and is it this one?)")
         return "no vbus broker answered at {address} within {timeout:g} s"
     finally:
         sock.disable_monitor()
@@ -545,23 +550,33 @@ def _is_async(callback: Callback) -> bool:
     )
 
 
-async def _run_async_callback(sub: AsyncSubscriber, callback: Callback) -> None:
+async def _run_async_callback(
+    sub: AsyncSubscriber, callback: Callback, closing: Callable[[], bool]
+) -> None:
     try:
         async for msg in sub:
             try:
                 await callback(msg)
+            except Closed as exc:
+                if not closing():  # while the bus closes, that is no fault of the callback
+                    sub._callback_failed(exc)
             except Exception as exc:
                 sub._callback_failed(exc)
     finally:
         sub.close()
 
 
-def _run_sync_callback(sub: Subscriber, callback: Callback) -> None:
+def _run_sync_callback(
+    sub: Subscriber, callback: Callback, closing: Callable[[], bool]
+) -> None:
     block_signals()
     try:
         for msg in sub:
             try:
                 callback(msg)
+            except Closed as exc:
+                if not closing():  # while the bus closes, that is no fault of the callback
+                    sub._callback_failed(exc)
             except Exception as exc:
                 sub._callback_failed(exc)
     finally:

@@ -12,7 +12,16 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from . import _cmd_broker, _cmd_extras, _cmd_pub, _cmd_record, _cmd_replay, _cmd_stats, _cmd_sub
+from . import (
+    _cmd_broker,
+    _cmd_extras,
+    _cmd_keygen,
+    _cmd_pub,
+    _cmd_record,
+    _cmd_replay,
+    _cmd_stats,
+    _cmd_sub,
+)
 from ._cmd_common import sigterm_interrupts
 from ._errors import VbusError
 
@@ -40,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     _cmd_stats.register(commands)
     _cmd_record.register(commands)
     _cmd_replay.register(commands)
+    _cmd_keygen.register(commands)
     _cmd_extras.register_bench(commands)
     return parser
 

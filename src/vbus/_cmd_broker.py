@@ -12,6 +12,7 @@ from typing import Any
 from ._bus import Bus
 from ._cmd_common import UserError, add_parser, say
 from ._endpoints import parse_address
+from ._security import load_keypair
 
 log = logging.getLogger("vbus.broker")
 
@@ -31,12 +32,14 @@ def register(commands: Any) -> None:
             "runs until SIGINT (Ctrl-C) or SIGTERM, then closes and exits 0.\n\n"
             "A tcp address binds two ports: PORT for publishers and PORT+1 for subscribers. "
             "Binding tcp to anything but a loopback address (127.0.0.1, ::1, localhost) opens "
-            "the bus to the network, unencrypted: vbus refuses unless you pass --insecure."
+            "the bus to the network: vbus refuses unless it has keys (--keys and --authorized: "
+            "CURVE encryption, only authorized clients get in) or you pass --insecure."
         ),
         example=(
             "examples:\n"
             "  vbus broker --bind tcp://127.0.0.1:5555 --bind ipc:///tmp/vbus\n"
             "  vbus broker --bind tcp://127.0.0.1:0        # any free port, printed first\n"
+            "  vbus broker --bind tcp://0.0.0.0:5555 --keys server.key --authorized clients/\n"
             "  vbus broker --bind tcp://0.0.0.0:5555 --insecure"
         ),
     )
@@ -45,6 +48,11 @@ def register(commands: Any) -> None:
                         f"(default: {DEFAULT_BIND})")
     p.add_argument("--insecure", action="store_true",
                    help="allow a non-loopback tcp address without encryption")
+    p.add_argument("--keys", metavar="FILE",
+                   help="the broker's CURVE key file (NAME.key from 'vbus keygen'): every "
+                        "tcp and ipc endpoint then encrypts and admits only --authorized keys")
+    p.add_argument("--authorized", metavar="DIR",
+                   help="directory of client public keys (*.pub), re-read when it changes")
     p.set_defaults(run=run)
 
 
@@ -65,7 +73,10 @@ def run(args: argparse.Namespace) -> int:
     binds: list[str] = args.bind or [DEFAULT_BIND]
     for b in binds:
         parse_address(b)  # a bad address is one line, before anything starts
-    exposed = [b for b in binds if network_exposed(b)]
+    if (args.keys is None) != (args.authorized is None):
+        raise UserError("--keys and --authorized go together")
+    keypair = load_keypair(args.keys) if args.keys is not None else None
+    exposed = [b for b in binds if network_exposed(b)] if keypair is None else []
     if exposed and not args.insecure:
         raise UserError(
             f"{exposed[0]} is reachable from the network and the bus would be unencrypted; "
@@ -75,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     # start (they inherit the mask), so no thread but this one ever handles them.
     signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     try:
-        bus = Bus(bind=binds)
+        bus = Bus(bind=binds, keypair=keypair, authorized=args.authorized)
         try:
             return _serve(bus, exposed)
         finally:

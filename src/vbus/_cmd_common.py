@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import os
 import signal
 import sys
 import textwrap
@@ -16,6 +17,7 @@ from typing import Any, TextIO
 from ._bus import Bus, connect
 from ._endpoints import parse_address
 from ._errors import VbusError
+from ._security import check_key, load_keypair, load_public_key
 
 DEFAULT_TIMEOUT = 5.0
 
@@ -36,9 +38,15 @@ def add_parser(commands: Any, name: str, *, help: str, description: str,
 
 
 def add_timeout(parser: argparse.ArgumentParser) -> None:
+    """The options of every command that connects to a broker."""
     parser.add_argument("--timeout", type=positive_float, default=DEFAULT_TIMEOUT, metavar="S",
                         help=f"give up if no broker answers within S seconds "
                              f"(default: {DEFAULT_TIMEOUT:g})")
+    parser.add_argument("--keys", metavar="FILE",
+                        help="this client's CURVE key file (NAME.key from 'vbus keygen'), "
+                             "for a broker that uses keys")
+    parser.add_argument("--server-key", metavar="FILE|KEY",
+                        help="the broker's public key: its NAME.key.pub file or the key text")
 
 
 def positive_float(text: str) -> float:
@@ -62,15 +70,31 @@ def non_negative_int(text: str) -> int:
     return value
 
 
-def connect_to(address: str, timeout: float) -> Bus:
-    """A client of the broker at ``address``; a user's mistake raises a one-line error."""
+def connect_to(address: str, timeout: float, options: argparse.Namespace | None = None) -> Bus:
+    """A client of the broker at ``address``; a user's mistake raises a one-line error.
+    ``options`` brings --keys and --server-key."""
     endpoints = parse_address(address)  # AddressError names what is wrong
     if endpoints.address.startswith("inproc://"):
         raise UserError(
             f"{address}: inproc:// addresses exist only inside one process; "
             "use the tcp:// or ipc:// address that 'vbus broker' prints"
         )
-    return connect(address, timeout=timeout)
+    keys = getattr(options, "keys", None)
+    server_key = getattr(options, "server_key", None)
+    if (keys is None) != (server_key is None):
+        raise UserError("--keys and --server-key go together")
+    keypair = load_keypair(keys) if keys is not None else None
+    if server_key is not None and not _looks_like_key(server_key):
+        server_key = load_public_key(server_key)
+    return connect(address, timeout=timeout, keypair=keypair, server_key=server_key)
+
+
+def _looks_like_key(text: str) -> bool:
+    try:
+        check_key(text)
+    except VbusError:
+        return False
+    return not os.path.exists(text)
 
 
 def say(text: str) -> None:

@@ -58,7 +58,8 @@ def _run_gui_demo(args: argparse.Namespace) -> int:
             raise UserError("this build of vbus has no GUI demo (vbus/_demo_gui.py)") from None
         if exc.name and exc.name.split(".")[0] in ("PySide6", "shiboken6"):
             raise missing from None
-        raise
+        raise UserError(f"the GUI demo needs the {exc.name} package: pip install "
+                        "'vbus[qt,numpy]'") from None
     except ImportError as exc:  # e.g. vbus.qt refusing a PySide6 release it cannot use
         raise UserError(f"the GUI demo cannot start: {exc}") from None
     return int(module.run_gui_demo(duration=args.duration) or 0)

@@ -64,7 +64,7 @@ def parse_value(text: str) -> Any:
 def run(args: argparse.Namespace) -> int:
     topic = validate_topic(args.topic)
     value = parse_value(args.value)
-    with connect_to(args.address, args.timeout) as bus:
+    with connect_to(args.address, args.timeout, args) as bus:
         pub = bus.publisher()
         sent = 0
         try:

@@ -56,7 +56,7 @@ def run_replay(args: argparse.Namespace) -> int:
         first = next(iter(reader), None)  # the file is checked before we connect
         if first is None:
             raise UserError(f"{args.file}: the recording holds no messages")
-        with connect_to(args.address, args.timeout) as bus:
+        with connect_to(args.address, args.timeout, args) as bus:
             pub = bus.publisher()
             sent = _replay(bus, pub, reader, args)
             dropped = pub.stats().dropped

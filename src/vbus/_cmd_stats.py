@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     except ImportError:
         raise UserError("vbus stats needs rich: pip install 'vbus[cli]'") from None
     console = Console()
-    with connect_to(args.address, args.timeout) as bus, bus.subscribe(STATS_TOPIC) as sub:
+    with connect_to(args.address, args.timeout, args) as bus, bus.subscribe(STATS_TOPIC) as sub:
         wait = max(args.timeout, STALE_AFTER)
         try:
             stats = _next_stats(sub, wait)

@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     render = json_line if args.json else human_line
     count: int = args.count
     out = sys.stdout
-    with connect_to(args.address, args.timeout) as bus, bus.subscribe(pattern) as sub:
+    with connect_to(args.address, args.timeout, args) as bus, bus.subscribe(pattern) as sub:
         end = None if args.duration is None else time.monotonic() + args.duration
         n = 0
         interrupted = False
