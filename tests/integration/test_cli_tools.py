@@ -603,3 +603,34 @@ def test_demo_gui_that_cannot_load_is_one_line(
     assert _cli.main(["demo", "--gui"]) == 1
     [line] = capsys.readouterr().err.splitlines()
     assert line.startswith("vbus demo: error: ") and expected in line
+
+
+# -- keys -------------------------------------------------------------------------------------
+def test_keygen_and_a_secure_broker_from_the_command_line(procs: list[Proc],
+                                                          tmp_path: Path) -> None:
+    done = run("keygen", str(tmp_path / "server"))
+    assert done.returncode == 0 and len(done.stdout.strip()) == 40
+    assert (os.stat(tmp_path / "server.key").st_mode & 0o777) == 0o600
+    again = run("keygen", str(tmp_path / "server"))
+    assert again.returncode == 1 and "exists" in again.stderr
+    assert run("keygen", str(tmp_path / "alice")).returncode == 0
+    assert run("keygen", str(tmp_path / "mallory")).returncode == 0
+    clients = tmp_path / "clients"
+    clients.mkdir()
+    (tmp_path / "alice.key.pub").rename(clients / "alice.key.pub")
+    b = start(procs, "broker", "--bind", "tcp://127.0.0.1:0",
+              "--keys", str(tmp_path / "server.key"), "--authorized", str(clients))
+    address = b.line("out")
+    alice = ["--keys", str(tmp_path / "alice.key"), "--server-key", str(tmp_path / "server.key.pub")]
+    sub = subscribed(procs, address, "secure/*", "--count", "1", "--json", *alice)
+    assert run("pub", address, "secure/x", '"hello"', *alice).returncode == 0
+    assert sub.finish() == 0
+    assert json.loads(sub.rest()[-1])["data"] == "hello"
+    mallory = ["--keys", str(tmp_path / "mallory.key"),
+               "--server-key", str(tmp_path / "server.key.pub")]
+    for args in (mallory, [], ["--keys", str(tmp_path / "alice.key")]):
+        denied = run("pub", address, "secure/x", "1", "--timeout", "3", *args)
+        assert denied.returncode != 0, args
+        assert len(denied.stderr.strip().splitlines()) == 1 and "Traceback" not in denied.stderr
+    exposed = run("broker", "--bind", "tcp://0.0.0.0:0")
+    assert exposed.returncode == 1 and "--insecure" in exposed.stderr
