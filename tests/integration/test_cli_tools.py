@@ -621,7 +621,8 @@ def test_keygen_and_a_secure_broker_from_the_command_line(procs: list[Proc],
     b = start(procs, "broker", "--bind", "tcp://127.0.0.1:0",
               "--keys", str(tmp_path / "server.key"), "--authorized", str(clients))
     address = b.line("out")
-    alice = ["--keys", str(tmp_path / "alice.key"), "--server-key", str(tmp_path / "server.key.pub")]
+    alice = ["--keys", str(tmp_path / "alice.key"),
+             "--server-key", str(tmp_path / "server.key.pub")]
     sub = subscribed(procs, address, "secure/*", "--count", "1", "--json", *alice)
     assert run("pub", address, "secure/x", '"hello"', *alice).returncode == 0
     assert sub.finish() == 0
