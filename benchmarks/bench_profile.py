@@ -53,7 +53,9 @@ def profile(cfg: Config, log: Any, out: Path) -> str:
         sub.expect("ARMED", 30)
         cpu0 = {role: cpu_seconds(pid) for role, pid in pids.items()}
         t0 = time.monotonic()
-        pub.send(cmd="run", payload=wire_spec(B64), duration=duration, batch=256)
+        threads = cfg.profile_threads
+        pub.send(cmd="run", payload=wire_spec(B64), duration=duration, batch=256,
+                 threads=threads)
         files = {role: cfg.tmpdir / f"profile-{role}.txt" for role in ("publisher", "subscriber")}
         spies = {
             role: subprocess.Popen(
@@ -89,7 +91,8 @@ def profile(cfg: Config, log: Any, out: Path) -> str:
     sections = [
         "# Profile: vbus 64 B through a standalone broker over tcp",
         "",
-        f"Publisher published {result['sent']} messages in {duration:g} s "
+        f"{threads} publisher thread{'s' if threads > 1 else ''} sharing one publisher "
+        f"published {result['sent']} messages in {duration:g} s "
         f"({result['sent'] / (result['t_end'] - result['t_start']) / 1e3:.1f}k/s); the "
         f"subscriber received {got['received']} ({rate / 1e3:.1f}k/s delivered), lost "
         f"{result['sent'] - got['received']} (counted {got.get('counted_lost')}).",

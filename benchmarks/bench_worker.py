@@ -42,7 +42,19 @@ PONG = "bench/pong"
 WARM = "bench/warm"
 GAP = 0.05  # a receive loop hands back control after this long without a message
 IDLE_END = 0.5  # once the sent count is known, give up waiting for the rest after this
-HWM = 10_000  # vbus's default high-water mark; raw sockets get the same
+
+
+def vbus_default_hwm() -> int:
+    """vbus's default high-water mark (from the public signature): raw sockets get the same."""
+    import inspect
+
+    import vbus
+
+    default = inspect.signature(vbus.Bus).parameters["hwm"].default
+    return int(default) if isinstance(default, int) else 1000
+
+
+HWM = vbus_default_hwm()
 
 
 def raw_topic(topic: str) -> bytes:
@@ -1173,7 +1185,7 @@ def flood_role(args: dict[str, Any], stdin: Stdin) -> None:
                     time.sleep(pause)
         stats = pub.stats()
         say("RESULT", {"sent": sent, "published": stats.published, "dropped": stats.dropped,
-                       "elapsed": now() - t0})
+                       "elapsed": now() - t0, "hwm": args.get("hwm") or HWM})
         stdin.wait_eof()
     finally:
         pub.close()

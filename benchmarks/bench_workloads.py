@@ -60,6 +60,7 @@ class Config:
     memory_duration: float = 30.0
     memory_cap: int = 3 << 30  # bytes: the memory check stops the publisher past this
     impls: tuple[str, ...] = ("vbus", "raw", "zenoh")
+    profile_threads: int = 1  # publisher threads sharing the publisher in --only profile
     tmpdir: Path = field(default_factory=lambda: Path(tempfile.gettempdir()))
 
     def impls_for(self, topology: str) -> tuple[str, ...]:
@@ -364,7 +365,7 @@ def memory(cfg: Config, log: Log) -> list[dict[str, Any]]:
     if available:
         cap = min(cap, available * 1024 // 2)
     outcomes = []
-    for label, hwm in (("default hwm (10000)", None), ("hwm=4", 4)):
+    for label, hwm in (("default hwm", None), ("hwm=4", 4)):
         log(f"  memory: {label}, {cfg.memory_duration:g} s of 16 MiB frames, cap "
             f"{cap / 2**30:.1f} GiB")
         with children() as kids:
@@ -402,6 +403,8 @@ def memory(cfg: Config, log: Log) -> list[dict[str, Any]]:
                 raise BenchError("the flooding publisher did not finish")
             for role, pid in pids.items():
                 peak[role] = max(peak[role], proc_status_kib(pid, "VmHWM") or 0)
+            if hwm is None:
+                label = f"default hwm ({result['hwm']})"
             outcome = {
                 "label": label,
                 "hwm": hwm,

@@ -115,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds of publishing per run (default 1.5, quick 0.4)")
     p.add_argument("--memory-duration", type=float, metavar="S",
                    help="seconds of the memory check's flood (default 30, quick 5)")
+    p.add_argument("--profile-threads", type=int, default=1, metavar="N",
+                   help="with --only profile: N publisher threads share the publisher")
     p.add_argument("--no-zenoh", action="store_true", help="leave Zenoh out")
     p.add_argument("--src", type=Path, metavar="DIR",
                    help="import vbus from DIR (the src/ folder of another checkout, e.g. a "
@@ -139,6 +141,7 @@ def make_config(args: argparse.Namespace, tmpdir: Path) -> Config:
     if args.memory_duration:
         cfg.memory_duration = args.memory_duration
     cfg.messages = args.messages
+    cfg.profile_threads = max(args.profile_threads, 1)
     impls = ["vbus", "raw"]
     if not args.no_zenoh and zenoh_available():
         impls.append("zenoh")
@@ -372,10 +375,20 @@ def render(rows: list[Row], mem: list[dict[str, Any]] | None, targets: list[dict
         "## Results",
         "",
         "Throughput is what the subscriber received and decoded, from the publisher's first "
-        "send to the last arrival. Losses = sent − received; for vbus, in brackets, how many "
-        "of them the subscriber counted from sequence gaps (a loss after the last received "
-        "message cannot show as a gap) and how many the publisher dropped itself. Latency is "
-        "one way (round trip / 2), in microseconds.",
+        "send to the last arrival (GB/s = 1e9 bytes of payload per second). Losses = sent − "
+        "received; for vbus, in brackets, how many of them the subscriber counted in "
+        "`stats().dropped` from sequence gaps (after each run the publisher sends one more "
+        "message, so that losses at the tail show as a gap too) and how many the publisher "
+        "dropped itself. Latency is one way (round trip / 2), in microseconds.",
+        "",
+        "Columns: **vbus** through its broker (embedded: a thread of the process; ipc/tcp: a "
+        "standalone `vbus.Bus(bind=...)` process); **raw pyzmq** the same topology with the "
+        "fastest honest pyzmq code (PUB/SUB, one frame `topic\\0 + payload`, `[topic, data]` "
+        "with `copy=False` for arrays, a `zmq.proxy` XSUB/XPUB broker thread or process, the "
+        "same high-water marks as vbus); **raw direct** (in one process only) PUB bound and "
+        "SUB connected over inproc, no broker; **zenoh** peer to peer, no router (tcp, "
+        "unixsock-stream for ipc, one session in one process), congestion control BLOCK, "
+        "callback subscriber.",
         "",
         render_table(rows) if rows else "(no throughput or latency workload run)",
         "",
