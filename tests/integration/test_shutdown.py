@@ -244,7 +244,7 @@ def test_program_that_forgets_close_exits_promptly() -> None:
         @bus.on("a")
         async def cb(msg): pass
         bus.on("b", print)
-        bus.submit(asyncio.sleep(3600))
+        bus.submit(asyncio.sleep(3600))  # sleep-ok: only the exit may end it
         bus.publisher().publish("a", 1)
         print("ok", sub.recv(timeout=5).data)
         """

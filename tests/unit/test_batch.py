@@ -7,6 +7,8 @@ from __future__ import annotations
 import contextlib
 import itertools
 import struct
+import time
+import types
 from collections.abc import Iterator
 from typing import Any
 
@@ -259,7 +261,9 @@ class Clock:
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     c = Clock()
-    monkeypatch.setattr(_publisher.time, "time", c)
+    # the publisher's view of the time module only: time.time() stays real elsewhere
+    monkeypatch.setattr(_publisher, "time", types.SimpleNamespace(time=c,
+                                                                  monotonic=time.monotonic))
     return c
 
 
@@ -588,7 +592,7 @@ def subscriber(*frames: bytes | tuple[bytes, list[Any]], type: Any = None,
 
 
 def drain(sub: Subscriber) -> list[tuple[str, int, Any, float, bool]]:
-    out = []
+    out: list[tuple[str, int, Any, float, bool]] = []
     while True:
         try:
             msg = sub.recv(timeout=0)
