@@ -9,7 +9,6 @@ call however many messages it holds.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import msgspec
@@ -23,13 +22,12 @@ MAX_BYTES = 64 * 1024  # payload bytes in one batch; larger messages are never b
 class Batch:
     """Messages waiting to go out together; the caller keeps their seqs consecutive."""
 
-    __slots__ = ("prefix", "first_seq", "first_time", "started", "entries", "size")
+    __slots__ = ("prefix", "first_seq", "first_time", "entries", "size")
 
     def __init__(self, prefix: bytes, seq: int, when: float, payload: bytes) -> None:
         self.prefix = prefix
         self.first_seq = seq
         self.first_time = when
-        self.started = time.monotonic()
         self.entries: list[tuple[float, msgspec.Raw]] = [(when, msgspec.Raw(payload))]
         self.size = len(payload)
 

@@ -20,12 +20,12 @@ class Flusher:
         self.delay = delay
         self.name = name
         self._cond = threading.Condition()
-        self._due: dict[Any, float] = {}  # publisher -> monotonic time its batches are due
+        self._due: dict[Any, float] = {}  # publisher -> when its oldest batch is due (wall)
         self._stopped = False
         self.thread: threading.Thread | None = None
 
     def due(self, publisher: Any, started: float) -> None:
-        """A publisher started a batch at ``started`` (monotonic). Called under its lock."""
+        """A publisher started a batch at ``started`` (wall clock). Called under its lock."""
         with self._cond:
             if self._stopped:
                 return  # the publisher flushes when it closes
@@ -45,17 +45,21 @@ class Flusher:
                     self._cond.wait()  # woken by due() or stop()
                 if self._stopped:
                     return
-                wait = min(self._due.values()) - time.monotonic()
+                wait = min(self._due.values()) - time.time()
                 if wait > 0:
                     self._cond.wait(wait)
                     continue
-                now = time.monotonic()
+                now = time.time()
                 ready = [p for p, at in self._due.items() if at <= now]
                 for p in ready:
                     del self._due[p]
             # Without our lock: a publisher takes its own lock first, then ours.
             for p in ready:
-                p._flush_batches()
+                again = p._flush_due(self.delay)
+                if again is not None:
+                    with self._cond:
+                        if not self._stopped:
+                            self._due[p] = min(again, self._due.get(p, again))
 
     def stop(self, deadline: Deadline) -> bool:
         with self._cond:

@@ -71,9 +71,9 @@ class Ledger:
                 m, b = totals.get(topic, (0, 0))
                 totals[topic] = (m + messages, b + size)
         dt = None if self._last_time is None else max(now - self._last_time, 1e-9)
+        totals = {t: (min(m, _MAX_COUNT), min(b, _MAX_COUNT)) for t, (m, b) in totals.items()}
         topics = {}
         for topic, (messages, size) in sorted(totals.items()):
-            messages, size = min(messages, _MAX_COUNT), min(size, _MAX_COUNT)
             pm, pb = self._last_totals.get(topic, (messages, size))
             topics[topic] = {
                 "messages": messages,

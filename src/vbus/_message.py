@@ -7,7 +7,9 @@ from typing import Any
 import msgspec
 
 
-class Message(msgspec.Struct, frozen=True):
+# gc=False: a Message is immutable and made by the subscriber, so it can never be part of a
+# reference cycle; untracked by the garbage collector, it is about a quarter cheaper to make.
+class Message(msgspec.Struct, frozen=True, gc=False):
     """One received message. Immutable.
 
     ``sender`` is the publisher's id, ``seq`` counts from 1 per publisher and topic, ``time`` is

@@ -145,8 +145,8 @@ class Publisher:
                     self._flush(topic, batch)
             elif now - self._last_publish < BURST_GAP:
                 # A burst: batch from here on; full, late or idle batches go out on their own.
-                self._batches[topic] = new = Batch(prefix, seq, now, entry)
-                self._flusher.due(self, new.started)
+                self._batches[topic] = Batch(prefix, seq, now, entry)
+                self._flusher.due(self, now)
             else:
                 single = (
                     _wire.Payload(_wire.KIND_BYTES, data)
@@ -155,7 +155,6 @@ class Publisher:
                 )
                 self._send_one(prefix, seq, now, single, False)
             self._last_publish = now
-            self._bytes[topic] = self._bytes.get(topic, 0) + len(entry) + _OVERHEAD
             if now >= self._next_report:
                 self._report(now)
 
@@ -170,8 +169,6 @@ class Publisher:
             self._flush(topic, batch)  # this topic's earlier messages go first
         self._send_one(prefix, seq, now, payload, retain)
         self._last_publish = now
-        size = len(payload.inline) + (0 if payload.external is None else payload.external.nbytes)
-        self._bytes[topic] = self._bytes.get(topic, 0) + size + _OVERHEAD
         if now >= self._next_report:
             self._report(now)
 
@@ -187,18 +184,39 @@ class Publisher:
             self._send(_control.RETAIN + copy, external, count=0)
         frame, external = _wire.build_frames(prefix, 0, self._sender, seq, now, payload)
         self._send(frame, external)
+        size = len(payload.inline) + (0 if external is None else external.nbytes)
+        topic = prefix[:-1].decode("ascii")
+        self._bytes[topic] = self._bytes.get(topic, 0) + size + _OVERHEAD
 
     def _flush(self, topic: str, batch: Batch) -> None:
         # Caller holds self._lock.
         del self._batches[topic]
         self._send(batch.frame(self._sender, self._encoder), None, count=len(batch))
+        self._bytes[topic] = self._bytes.get(topic, 0) + batch.size + _OVERHEAD * len(batch)
 
-    def _flush_batches(self) -> None:
-        """Send every pending batch (the flusher calls this when they are due)."""
+    def _flush_due(self, delay: float) -> float | None:
+        """Send the batches that have waited ``delay``; return when the next one is due (wall
+        clock), or None. The flusher calls this."""
+        now = time.time()
+        # Without the lock first: in a flood, publish() sends its own batches when full or
+        # late, and the flusher need not contend for the lock with it.
+        pending = list(self._batches.values())
+        oldest = min((b.first_time for b in pending), default=None)
+        if oldest is None:
+            return None
+        if oldest + delay > now:
+            return oldest + delay
         with self._lock:
-            if not self._closed:
-                for topic, batch in list(self._batches.items()):
+            if self._closed:
+                return None
+            next_due: float | None = None
+            for topic, batch in list(self._batches.items()):
+                due = batch.first_time + delay
+                if due <= now:
                     self._flush(topic, batch)
+                elif next_due is None or due < next_due:
+                    next_due = due
+            return next_due
 
     def _clear_retained(self, topic: str) -> None:
         prefix = self._prefixes.get(topic) or self._learn(topic)

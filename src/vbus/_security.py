@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import struct
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TypeAlias
@@ -57,6 +58,10 @@ def check_key(key: str | bytes, what: str = "key") -> str:
     text = key.decode("ascii", "replace") if isinstance(key, bytes) else key
     if not isinstance(text, str) or _Z85_KEY.fullmatch(text) is None:
         raise SecurityError(f"{what} is not a 40-character Z85 CURVE key: {str(key)[:12]!r}...")
+    try:
+        z85_decode(text)  # some 40-character strings are not 32 bytes of Z85
+    except (ValueError, struct.error):
+        raise SecurityError(f"{what} is not a valid Z85 CURVE key: {text[:12]!r}...") from None
     return text
 
 
@@ -205,7 +210,16 @@ def server_security(keypair: Keypair | None, authorized: Authorized | None
 
 
 def zap_reply(request: list[bytes], authorizer: Authorizer) -> tuple[list[bytes], str | None]:
-    """The reply to a ZAP request (RFC 27) and, when denied, why (for the log)."""
+    """The reply to a ZAP request (RFC 27) and, when denied, why (for the log). Never raises:
+    whatever the request, the broker answers it."""
+    try:
+        return _zap_reply(request, authorizer)
+    except Exception as exc:
+        request_id = request[1] if len(request) > 1 else b""
+        return [b"1.0", request_id, b"500", b"internal error", b"", b""], f"ZAP error {exc!r}"
+
+
+def _zap_reply(request: list[bytes], authorizer: Authorizer) -> tuple[list[bytes], str | None]:
     if len(request) < 6 or request[0] != b"1.0":
         return [b"1.0", request[1] if len(request) > 1 else b"", b"500", b"bad request", b"",
                 b""], "malformed ZAP request"

@@ -270,12 +270,15 @@ class Subscriber:
         topic = env.topic
         payload = memoryview(first)[env.offset :]
         try:
-            entries = self._batch_decoder.decode(payload)
-        except msgspec.ValidationError:
-            entries = self._decode_entries_one_by_one(payload, topic, sender)
+            try:
+                entries = self._batch_decoder.decode(payload)
+            except msgspec.ValidationError:
+                entries = self._decode_entries_one_by_one(payload, topic, sender)
         except Exception as exc:  # hostile input: anything but a clean batch is counted
             self._errors += 1
             self._error_log.event(1, f"{topic!r} from {sender}: malformed batch ({exc!r})")
+            # Its messages were received, not lost: keep the sequence count in step.
+            self._seqs.observe(env.sender, topic, env.seq, max(_batch.count(payload), 1))
             return None
         seq = env.seq
         if self._replayed:

@@ -79,8 +79,6 @@ def test_check_key_error_shows_only_the_start_of_the_key() -> None:
     assert K2[12:39] not in str(info.value)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: check_key accepts 40 Z85 characters whose 5-char "
-                   "groups exceed 2**32-1, which no 32-byte key encodes to (z85 decode fails)")
 def test_check_key_refuses_z85_text_that_is_no_key() -> None:
     with pytest.raises(SecurityError):
         check_key("#" * 40)
@@ -251,8 +249,6 @@ def test_authorizer_directory_skips_bad_files(tmp_path: Path, caplog: pytest.Log
     assert any("bad.pub" in r.getMessage() for r in caplog.records)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a .pub whose key passes check_key but does not "
-                   "decode makes Authorizer._reload raise struct.error instead of skipping it")
 def test_authorizer_directory_skips_an_undecodable_key(tmp_path: Path) -> None:
     (tmp_path / "odd.pub").write_text(f'public-key = "{"#" * 40}"\n')
     write_keypair(tmp_path / "good", KP)
@@ -328,8 +324,6 @@ def test_zap_reply_always_has_six_frames_and_a_known_status(
     assert (denied is None) == (reply[2] == b"200")
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason="bug: zap_reply raises ValueError "
-                   "(z85 encode) for CURVE credentials whose length is not a multiple of 4")
 def test_zap_reply_to_a_short_curve_key() -> None:
     reply, denied = zap_reply(zap_request(b"abc"), Authorizer([K1]))
     assert reply[2] in (b"400", b"500")
