@@ -9,6 +9,7 @@ call however many messages it holds.
 
 from __future__ import annotations
 
+import struct
 from typing import Any
 
 import msgspec
@@ -19,29 +20,40 @@ MAX_MESSAGES = 256
 MAX_BYTES = 64 * 1024  # payload bytes in one batch; larger messages are never batched
 
 
+# Each entry is written as msgpack directly: fixarray(2), float64 time, then the payload,
+# which is already msgpack. No objects per message but the two bytes pieces.
+_ENTRY_HEAD = struct.Struct(">BBd")
+
+
 class Batch:
     """Messages waiting to go out together; the caller keeps their seqs consecutive."""
 
-    __slots__ = ("prefix", "first_seq", "first_time", "entries", "size")
+    __slots__ = ("prefix", "first_seq", "first_time", "pieces", "count", "size")
 
     def __init__(self, prefix: bytes, seq: int, when: float, payload: bytes) -> None:
         self.prefix = prefix
         self.first_seq = seq
         self.first_time = when
-        self.entries: list[tuple[float, msgspec.Raw]] = [(when, msgspec.Raw(payload))]
+        self.pieces = [_ENTRY_HEAD.pack(0x92, 0xCB, when), payload]
+        self.count = 1
         self.size = len(payload)
 
     def add(self, when: float, payload: bytes) -> bool:
         """Add one message; True when the batch is full and should go now."""
-        self.entries.append((when, msgspec.Raw(payload)))
+        pieces = self.pieces
+        pieces.append(_ENTRY_HEAD.pack(0x92, 0xCB, when))
+        pieces.append(payload)
+        self.count += 1
         self.size += len(payload)
-        return len(self.entries) >= MAX_MESSAGES or self.size >= MAX_BYTES
+        return self.count >= MAX_MESSAGES or self.size >= MAX_BYTES
 
     def __len__(self) -> int:
-        return len(self.entries)
+        return self.count
 
-    def frame(self, sender: bytes, encoder: msgspec.msgpack.Encoder) -> bytes:
-        payload = _wire.Payload(_wire.KIND_BATCH, encoder.encode(self.entries))
+    def frame(self, sender: bytes, encoder: msgspec.msgpack.Encoder | None = None) -> bytes:
+        n = self.count
+        head = bytes([0x90 | n]) if n < 16 else b"\xdc" + n.to_bytes(2, "big")
+        payload = _wire.Payload(_wire.KIND_BATCH, head + b"".join(self.pieces))
         frame, _ = _wire.build_frames(
             self.prefix, 0, sender, self.first_seq, self.first_time, payload
         )

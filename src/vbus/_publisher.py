@@ -79,6 +79,7 @@ class Publisher:
         self._sock = sock
         self._owner = owner
         self._flusher = flusher  # None: never batch
+        self._batch_delay = flusher.delay if flusher is not None else 0.0
         self._batches: dict[str, Batch] = {}
         self._last_publish = 0.0
         self._sends = 0
@@ -141,7 +142,7 @@ class Publisher:
             now = time.time()
             batch = self._batches.get(topic)
             if batch is not None:
-                if batch.add(now, entry) or now - batch.first_time >= self._flusher.delay:
+                if batch.add(now, entry) or now - batch.first_time >= self._batch_delay:
                     self._flush(topic, batch)
             elif now - self._last_publish < BURST_GAP:
                 # A burst: batch from here on; full, late or idle batches go out on their own.
@@ -191,8 +192,8 @@ class Publisher:
     def _flush(self, topic: str, batch: Batch) -> None:
         # Caller holds self._lock.
         del self._batches[topic]
-        self._send(batch.frame(self._sender, self._encoder), None, count=len(batch))
-        self._bytes[topic] = self._bytes.get(topic, 0) + batch.size + _OVERHEAD * len(batch)
+        self._send(batch.frame(self._sender), None, count=batch.count)
+        self._bytes[topic] = self._bytes.get(topic, 0) + batch.size + _OVERHEAD * batch.count
 
     def _flush_due(self, delay: float) -> float | None:
         """Send the batches that have waited ``delay``; return when the next one is due (wall
