@@ -166,8 +166,8 @@ def test_port_zero_skips_ports_whose_twin_is_taken(
     monkeypatch.setattr(zmq.Socket, "bind_to_random_port", first_pick_collides)
     try:
         with vbus.Bus(bind="tcp://127.0.0.1:0") as bus:
-            assert picks[0] == port and len(picks) == 2
-            assert bus.address == f"tcp://127.0.0.1:{picks[1]}"
+            assert picks[0] == port and len(picks) >= 2  # a random retry may collide too
+            assert bus.address == f"tcp://127.0.0.1:{picks[-1]}"
             with vbus.connect(bus.address) as client:
                 sub = bus.subscribe("t")
                 client.publisher().publish("t", 1)
