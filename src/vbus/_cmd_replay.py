@@ -16,9 +16,7 @@ from ._cmd_common import (
     non_negative_float,
     say,
 )
-from ._cmd_record import FrameSource, need_mcap
-
-_TICK = 0.25  # progress refresh while waiting
+from ._cmd_record import _TICK, FrameSource, need_mcap
 
 
 def register(commands: Any) -> None:

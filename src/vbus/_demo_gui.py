@@ -495,6 +495,18 @@ class _SigintToQuit(QObject):
         self._write.close()
 
 
+def open_viewer(bus: Bus) -> tuple[Instrument, ViewerWindow]:
+    """The demo's parts on ``bus``: the simulated instrument running, the analysis callback
+    subscribed, the window shown. The caller stops the instrument and closes the window."""
+    instrument = Instrument(bus)
+    start_analysis(bus)
+    window = ViewerWindow(bus)
+    window.resize(900, 640)
+    window.show()
+    instrument.start()
+    return instrument, window
+
+
 def run_gui_demo(duration: float | None = None) -> int:
     """Run the live viewer until its window closes, Ctrl-C, or ``duration`` seconds; then
     print the measured rates and GUI-thread shares. Returns the exit status."""
@@ -508,12 +520,7 @@ def run_gui_demo(duration: float | None = None) -> int:
     sigint = _SigintToQuit(app)
     out = sys.stdout
     with Bus() as bus:
-        instrument = Instrument(bus)
-        start_analysis(bus)
-        window = ViewerWindow(bus)
-        window.resize(900, 640)
-        window.show()
-        instrument.start()
+        instrument, window = open_viewer(bus)
         print(
             f"vbus demo --gui: camera {FRAME_SHAPE[0]}x{FRAME_SHAPE[1]} uint16 at {FPS:g} Hz, "
             f"stage at {STAGE_RATE:g} Hz; close the window or Ctrl-C to stop",

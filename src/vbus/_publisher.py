@@ -154,7 +154,7 @@ class Publisher:
                     if kind is bytes
                     else _wire.Payload(_wire.KIND_MSGPACK, entry)
                 )
-                self._send_one(prefix, seq, now, single, False)
+                self._send_one(topic, prefix, seq, now, single, False)
             self._last_publish = now
             if now >= self._next_report:
                 self._report(now)
@@ -168,13 +168,13 @@ class Publisher:
         batch = self._batches.get(topic)
         if batch is not None:
             self._flush(topic, batch)  # this topic's earlier messages go first
-        self._send_one(prefix, seq, now, payload, retain)
+        self._send_one(topic, prefix, seq, now, payload, retain)
         self._last_publish = now
         if now >= self._next_report:
             self._report(now)
 
-    def _send_one(self, prefix: bytes, seq: int, now: float, payload: _wire.Payload,
-                  retain: bool) -> None:
+    def _send_one(self, topic: str, prefix: bytes, seq: int, now: float,
+                  payload: _wire.Payload, retain: bool) -> None:
         # Caller holds self._lock.
         if retain:
             # The broker's copy goes first: a subscriber joining in between then finds the
@@ -186,7 +186,6 @@ class Publisher:
         frame, external = _wire.build_frames(prefix, 0, self._sender, seq, now, payload)
         self._send(frame, external)
         size = len(payload.inline) + (0 if external is None else external.nbytes)
-        topic = prefix[:-1].decode("ascii")
         self._bytes[topic] = self._bytes.get(topic, 0) + size + _OVERHEAD
 
     def _flush(self, topic: str, batch: Batch) -> None:

@@ -30,7 +30,7 @@ from PySide6.QtGui import QImage, QPainter  # noqa: E402
 from PySide6.QtWidgets import QApplication, QSpinBox, QWidget  # noqa: E402
 
 try:
-    from vbus._demo_gui import Instrument, ViewerWindow, start_analysis
+    from vbus._demo_gui import open_viewer
     from vbus.qt import QtSubscriber, forward
 
     BINDING_DEFECT: str | None = None
@@ -606,12 +606,7 @@ def test_example_runs_and_closes_cleanly_with_duration() -> None:
 def test_viewer_renders_live_frames(
     qt_painting_threads: None, bus: vbus.Bus, qtbot: Any, tmp_path: Path
 ) -> None:
-    instrument = Instrument(bus)
-    start_analysis(bus)
-    window = ViewerWindow(bus)
-    window.resize(900, 640)
-    window.show()
-    instrument.start()
+    instrument, window = open_viewer(bus)
     try:
         started = time.perf_counter()
         qtbot.waitUntil(
