@@ -18,6 +18,7 @@ import msgspec
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
+from . import _control
 from ._broker import MAX_MESSAGE_SIZE, Broker
 from ._control import Report, report_frame
 from ._endpoints import AddressError, is_loopback, parse_address
@@ -527,7 +528,7 @@ def _probe(context: zmq.Context[zmq.Socket[bytes]], endpoint: str, timeout: floa
         deadline = Deadline(timeout)
         while not deadline.expired():
             events = dict(poller.poll(int((deadline.remaining() or 0.0) * 1000) + 1))
-            if sock in events and sock.recv() == b"\x01":
+            if sock in events and _control.is_acceptance(sock.recv()):
                 return None
             if monitor in events:
                 # A failed handshake is final: ZeroMQ would only fail it again on retry.

@@ -34,6 +34,12 @@ STATS_TOPIC = "$vbus/stats"
 _NIL = _wire.Payload(_wire.KIND_MSGPACK, b"\xc0")
 
 
+def is_acceptance(message: bytes) -> bool:
+    """A publisher is accepted by its broker when the broker subscribes to it: any
+    subscription message (0x01, then a prefix) the broker's XSUB sends proves the link."""
+    return message[:1] == b"\x01"
+
+
 def control_frame(topic: bytes, sender: bytes, flags: int = 0, seq: int = 0,
                   payload: _wire.Payload = _NIL) -> bytes:
     """A one-frame message on a control topic (``topic`` without the terminator)."""

@@ -64,7 +64,7 @@ def connect_publisher(
             remaining = deadline.remaining() or 0.0
             if not sock.poll(int(remaining * 1000)):
                 raise ConnectError(f"no broker answered at {endpoint} within {timeout:g} s")
-            if sock.recv() == b"\x01":
+            if _control.is_acceptance(sock.recv()):
                 return sock
     except BaseException:
         sock.close(0)
