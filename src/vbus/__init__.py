@@ -4,7 +4,7 @@ An embedded broker by default, twin sync and asyncio APIs, callbacks on a manage
 loop, delivery without sleeps, losses counted, and a shutdown that never hangs.
 """
 
-from ._bus import Bus, BusStats, connect
+from ._bus import Bus, BusStats, Handle, connect
 from ._endpoints import AddressError
 from ._errors import Closed, ConnectError, DecodeError, EncodeError, TopicError, VbusError
 from ._message import Message
@@ -30,6 +30,7 @@ __all__ = [
     "ConnectError",
     "DecodeError",
     "EncodeError",
+    "Handle",
     "Keypair",
     "Message",
     "Publisher",

@@ -144,7 +144,10 @@ class Broker:
         return f"inproc://vbus-{self.id}.monitor-{side}"
 
     def _request(self, command: bytes, timeout: float) -> list[bytes] | None:
-        req = self._context.socket(zmq.REQ)
+        try:
+            req = self._context.socket(zmq.REQ)
+        except zmq.ZMQError:
+            return None  # the context has ended: so has the forwarder
         try:
             req.linger = 0
             req.connect(self._control)

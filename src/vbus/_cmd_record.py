@@ -95,7 +95,8 @@ def run_record(args: argparse.Namespace) -> int:
     stream = open(partial, "wb")  # noqa: SIM115 - a file we cannot write is one line, up front
     writer: RecordingWriter | None = None
     try:
-        with connect_to(args.address, args.timeout, args) as bus, bus.subscribe(pattern) as sub:
+        with connect_to(args.address, args.timeout, args) as bus, \
+                bus._subscribe_recorder(pattern) as sub:
             writer = RecordingWriter(stream, {"address": args.address, "pattern": pattern})
             began = time.monotonic()
             try:

@@ -108,7 +108,7 @@ def _replay(bus: Any, pub: Any, reader: Any, args: argparse.Namespace) -> int:
 def _send_confirmed(bus: Any, pub: Any, message: Any, timeout: float) -> None:
     """Send the last message and wait until the broker forwards it back: then it and every
     message before it (in order, through the same publisher) reached the broker."""
-    with bus.subscribe(message.topic) as echo:
+    with bus._subscribe_recorder(message.topic) as echo:
         pub._publish_frames(message.first, message.external)
         source = FrameSource(echo)
         deadline = time.monotonic() + timeout

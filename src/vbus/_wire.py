@@ -37,7 +37,8 @@ KIND_MSGPACK = 0
 KIND_BYTES = 1
 KIND_NDARRAY = 2
 KIND_BATCH = 3  # several messages of one publisher and topic; see _batch.py
-KINDS = (KIND_MSGPACK, KIND_BYTES, KIND_NDARRAY, KIND_BATCH)
+KIND_CHUNK = 5  # one piece of a large message that crosses a network; see _chunk.py
+KINDS = (KIND_MSGPACK, KIND_BYTES, KIND_NDARRAY, KIND_BATCH, KIND_CHUNK)
 
 EXTERNAL_THRESHOLD = 64 * 1024
 """Bytes payloads this large or larger travel in a frame of their own, without copies."""
@@ -156,6 +157,8 @@ def decode_payload(
             return external if external is not None else inline.toreadonly()
         if kind == KIND_BATCH:
             raise DecodeError("a batch holds several messages: decode it with _batch")
+        if kind == KIND_CHUNK:
+            raise DecodeError("a chunk is a piece of a message: reassemble it with _chunk")
         return _decode_ndarray(inline, external)
     except msgspec.ValidationError as exc:
         raise DecodeError(f"payload does not match the requested type: {exc}") from None

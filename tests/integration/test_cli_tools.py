@@ -353,7 +353,7 @@ def test_record_keeps_every_frame_byte_for_byte_and_replay_sends_them_again(
     rec = start(procs, "record", broker, "rec/**", "-o", str(path), "--count", str(total))
     rec.wait_for("vbus record: recording rec/** at")
     with vbus.connect(broker, timeout=5.0) as bus:
-        wire = bus.subscribe("rec/**")  # what goes over the wire
+        wire = bus._subscribe_recorder("rec/**")  # what goes over the wire
         pub = bus.publisher()
         for topic, value in PAYLOADS:
             pub.publish(topic, value)
@@ -454,7 +454,7 @@ def test_replay_keeps_the_recorded_timing_scaled_by_speed(
     path = tmp_path / "timed.mcap"
     frames = _write_recording(path, offsets)
     with vbus.connect(broker, timeout=5.0) as bus:
-        sub = bus.subscribe("timed/x")
+        sub = bus._subscribe_recorder("timed/x")
         replay = start(procs, "replay", str(path), "--to", broker, "--speed", "3")
         arrivals = []
         received = []

@@ -258,7 +258,9 @@ def test_ctrl_c_interrupts_a_blocking_recv() -> None:
     proc = subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(
             """
-            import vbus
+            import signal, vbus
+            # A child of a background job inherits SIGINT ignored: Ctrl-C must be live here.
+            signal.signal(signal.SIGINT, signal.default_int_handler)
             bus = vbus.Bus()
             @bus.on("x")
             async def cb(msg): pass
