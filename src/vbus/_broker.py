@@ -149,9 +149,12 @@ class Broker:
         except zmq.ZMQError:
             return None  # the context has ended: so has the forwarder
         try:
-            req.linger = 0
+            # TERMINATE must not be dropped by the close below: it lingers (briefly).
+            req.linger = 100 if command == b"TERMINATE" else 0
             req.connect(self._control)
-            req.send(command)
+            if not req.poll(int(timeout * 1000) + 10, zmq.POLLOUT):
+                return None  # nobody at the control socket: the forwarder has gone
+            req.send(command, zmq.NOBLOCK)
             if command == b"TERMINATE" or not req.poll(int(timeout * 1000)):
                 return None
             return req.recv_multipart()
@@ -175,7 +178,8 @@ class Broker:
     # -- shutdown ---------------------------------------------------------------------------
     def stop(self, deadline: Deadline) -> list[str]:
         """Stop both threads; return the names of those that did not end in time."""
-        if self._proxy.is_alive():
+        if self._proxy.is_alive() and not getattr(self, "_terminating", False):
+            self._terminating = True  # once: a second request could find nobody to take it
             self._request(b"TERMINATE", 0)
         service = getattr(self, "service", None)
         if service is not None:

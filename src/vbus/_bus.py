@@ -58,7 +58,7 @@ from ._subscriber import (
     SubscriberStats,
     connect_subscriber,
 )
-from ._threads import Deadline, block_signals, build_uninterrupted, join
+from ._threads import Deadline, block_signals, build_uninterrupted, join, signals_deferred
 from ._topics import compile_pattern
 
 log = logging.getLogger("vbus")
@@ -243,8 +243,12 @@ class _Core:
             hwm=queue, type=type, max_assembly_bytes=budget or DEFAULT_MAX_QUEUE_BYTES,
             configure=self.configure, keep_frames=keep_frames,
         )
-        sub: S = self.adopt(cls(sock, inbox, on_loss=on_loss, owner=self))
-        return sub
+        try:
+            sub: S = cls(sock, inbox, on_loss=on_loss, owner=self)
+        except BaseException:
+            sock.close(0)
+            raise
+        return self.adopt(sub)  # type: ignore[no-any-return]
 
     def ensure_loop(self) -> BackgroundLoop:
         with self.lock:
@@ -679,7 +683,8 @@ def _probe(context: zmq.Context[zmq.Socket[bytes]], endpoint: str, timeout: floa
     sock = context.socket(zmq.XPUB)
     try:
         sock.linger = 0
-        monitor = sock.get_monitor_socket(_HANDSHAKE_FAILED)
+        with signals_deferred():  # a monitor half made would outlive its socket
+            monitor = sock.get_monitor_socket(_HANDSHAKE_FAILED)
         try:
             if configure is not None:
                 configure(sock)

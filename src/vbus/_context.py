@@ -20,7 +20,13 @@ _KEPT: set[ContextKeeper] = set()  # contexts not yet terminated, kept from the 
 
 class ContextKeeper:
     def __init__(self, context: zmq.Context[zmq.Socket[bytes]] | None = None) -> None:
-        self.context: zmq.Context[zmq.Socket[bytes]] = context or zmq.Context()
+        if context is None:
+            context = zmq.Context()
+            # Not blocky: every socket, libzmq's own monitor sockets included, lingers 0
+            # unless its owner says otherwise at close, so term() never waits on a socket
+            # closed in a hurry (an interrupted constructor's, a monitor's stop event).
+            context.set(zmq.BLOCKY, 0)
+        self.context: zmq.Context[zmq.Socket[bytes]] = context
         self._lock = threading.RLock()  # re-entrant: a signal handler may close a bus
         self._released = False
         self._terminated = False
@@ -43,8 +49,7 @@ class ContextKeeper:
 
     def forked(self) -> None:
         """In a child after fork: the context is the parent's; never touch it."""
-        self._forked = True
-        _KEPT.discard(self)
+        self._forked = True  # kept in _KEPT: collecting it would try to end it
 
     def open_sockets(self) -> int:
         return sum(1 for s in list(getattr(self.context, "_sockets", ())) if not s.closed)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -65,9 +66,30 @@ def block_signals() -> None:
     """Keep asynchronous signals for the main thread: Ctrl-C, SIGTERM and a user's SIGALRM
     then interrupt a blocking recv() there, and never land in one of vbus's threads."""
     if hasattr(signal, "pthread_sigmask"):
-        blockable = {s for s in signal.valid_signals()
-                     if isinstance(s, signal.Signals) and s.name not in _SYNCHRONOUS}
-        signal.pthread_sigmask(signal.SIG_BLOCK, blockable)
+        signal.pthread_sigmask(signal.SIG_BLOCK, _blockable())
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold asynchronous signals back for a few statements that make a resource and store it
+    (an fd, a socket): Ctrl-C then lands before or after, never between the two, so nothing
+    is made that no cleanup can see. Only the main thread gets Python signal handlers; in
+    other threads this does nothing."""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not (
+        threading.main_thread()
+    ):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _blockable())
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _blockable() -> set[signal.Signals]:
+    return {s for s in signal.valid_signals()
+            if isinstance(s, signal.Signals) and s.name not in _SYNCHRONOUS}
 
 
 def build_uninterrupted(build: Callable[[], T], keep: Callable[[T], object], what: str,
@@ -94,7 +116,13 @@ def build_uninterrupted(build: Callable[[], T], keep: Callable[[T], object], wha
         thread.start()
         started.wait(timeout, what)
     finally:
-        thread.join(timeout)
+        # Interrupted inside start(), the thread runs but may not be marked started yet,
+        # and join() would refuse it: wait for the mark first (it comes at once).
+        launched = getattr(thread, "_started", None)
+        if launched is not None and not launched.is_set():
+            launched.wait(1.0)
+        if launched is None or launched.is_set():
+            thread.join(timeout)
 
 
 def is_current(thread: threading.Thread | None) -> bool:
