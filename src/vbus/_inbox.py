@@ -36,6 +36,8 @@ log = logging.getLogger("vbus.subscriber")
 
 SEAM_WINDOW = 1 << 20
 """A live message counts as a duplicate of a replayed one only within this many seqs below."""
+MAX_SENDER_NAMES = 4096
+"""Hex names of sender ids kept for reuse (a cache: a churn of senders costs recomputation)."""
 MAX_EARLY = 100_000
 """Live messages held back during the handshake at most (more are lost, and counted)."""
 _UNDECODABLE = object()  # a batch entry that failed validation (counted, not delivered)
@@ -207,8 +209,8 @@ class Inbox:
     def _sender(self, sender_id: bytes) -> str:
         sender = self._senders.get(sender_id)
         if sender is None:
-            if len(self._senders) >= self._max_streams:
-                self._senders.clear()  # a cache: a churn of senders costs recomputation only
+            if len(self._senders) >= MAX_SENDER_NAMES:
+                self._senders.clear()
             sender = self._senders[sender_id] = sender_id.hex()
         return sender
 

@@ -6,7 +6,7 @@ import logging
 import time
 from collections.abc import Callable
 
-MAX_STREAMS = 100_000
+MAX_STREAMS = 16_384
 """(publisher, topic) pairs a subscriber tracks at most; the least recently heard give way."""
 
 
