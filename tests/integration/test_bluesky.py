@@ -431,7 +431,7 @@ def test_example_runs_as_written() -> None:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     out = done.stdout
-    assert "motor" in out and "det1" in out  # the live table's header
+    assert "|      motor |        det |" in out  # the live table's header
     assert out.count("|") > 40  # and its rows
-    assert "camera frame 3: uint16 (256, 320)" in out
+    assert "camera frame 3: uint16 (480, 640)" in out
     assert "Traceback" not in done.stderr
