@@ -682,3 +682,27 @@ def test_viewer_renders_live_frames(
     finally:
         window.close()
         instrument.stop()
+
+
+# -- psygnal in a Qt application ---------------------------------------------------------------
+@needs_binding
+def test_psygnal_relay_emits_on_the_gui_thread(bus: vbus.Bus, qtbot: Any) -> None:
+    """vbus.psygnal.Relay with thread="main": psygnal queues each emission for the GUI
+    thread, and psygnal.qt's timer emits it there."""
+    psygnal_qt = pytest.importorskip("psygnal.qt")
+    from vbus.psygnal import Relay
+
+    relay = Relay(bus, "stage/*", thread="main")
+    got: list[tuple[Any, bool]] = []
+    gui = threading.get_ident()
+    relay.received.connect(lambda msg: got.append((msg.data, threading.get_ident() == gui)))
+    psygnal_qt.start_emitting_from_queue()
+    try:
+        pub = bus.publisher()
+        for i in range(50):
+            pub.publish("stage/x", i)
+        qtbot.waitUntil(lambda: len(got) == 50, timeout=5000)
+    finally:
+        psygnal_qt.stop_emitting_from_queue()
+        relay.close()
+    assert got == [(i, True) for i in range(50)]
