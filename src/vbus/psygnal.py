@@ -163,6 +163,7 @@ class Relay:
         thread: threading.Thread | Literal["main", "current"] | None = None,
     ) -> None:
         self._errors = 0
+        self._closing = False
         self._queued = thread is not None
         if thread is not None:
             self._arrived.connect(self.received.emit, thread=thread)
@@ -180,7 +181,8 @@ class Relay:
 
     @property
     def closed(self) -> bool:
-        return self._task.done()
+        """True once close() was called or the bus closed: nothing more is emitted."""
+        return self._closing or self._task.done()
 
     @property
     def errors(self) -> int:
@@ -195,6 +197,8 @@ class Relay:
         emit = self._arrived.emit if self._queued else self.received.emit
         try:
             async for msg in self._sub:
+                if self._closing:
+                    break  # a slot closed us, or another thread did
                 try:
                     emit(msg)
                 except Exception:
@@ -206,6 +210,7 @@ class Relay:
     def close(self, timeout: float = 1.0) -> None:
         """Stop: the subscription is closed and nothing is emitted after this returns
         (but emissions already queued to ``thread``). Idempotent."""
+        self._closing = True
         self._sub.close(timeout=timeout)
         if threading.get_ident() != self._loop_thread:
             concurrent.futures.wait([self._task], timeout)

@@ -180,10 +180,12 @@ def test_relay_on_a_thread_the_user_names(bus: vbus.Bus) -> None:
 def test_relay_close_from_its_own_slot_and_from_another_thread(bus: vbus.Bus) -> None:
     first = Relay(bus, "a/*")
     got: list[Any] = []
+    closed_itself = threading.Event()
 
     def close_on_first(msg: vbus.Message) -> None:
         got.append(msg.data)
         first.close()
+        closed_itself.set()
 
     first.received.connect(close_on_first)
     marker = Relay(bus, "a/*")
@@ -193,9 +195,9 @@ def test_relay_close_from_its_own_slot_and_from_another_thread(bus: vbus.Bus) ->
     pub.publish("a/b", 1)
     pub.publish("a/b", 2)
     pub.publish("a/b", "marker")
-    assert marked.wait(5.0)
-    assert got == [1]  # nothing after close(), though 2 and the marker reached the marker relay
+    assert closed_itself.wait(5.0) and marked.wait(5.0)
     assert first.closed
+    assert got == [1]  # nothing after close(), though 2 and the marker reached the marker relay
     started = time.monotonic()
     closer = threading.Thread(target=marker.close)
     closer.start()
