@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import pickle
 import select
+import signal
 import subprocess
 import sys
 import textwrap
@@ -242,6 +243,44 @@ def test_stop_from_another_thread_ends_a_blocking_start(leakcheck: Any) -> None:
         stopper.join(5)
         assert ready.is_set() and time.monotonic() - started < 5.0
         assert dispatcher.stopped
+
+
+INTERRUPTED = textwrap.dedent("""
+    import sys, threading, time
+    import vbus
+    from vbus.bluesky import RemoteDispatcher
+    with vbus.Bus(bind="tcp://127.0.0.1:0") as bus:
+        d = RemoteDispatcher(bus.address, prefix="RE0")
+        print("ready", flush=True)
+        try:
+            d.start()
+        except KeyboardInterrupt:
+            started = time.monotonic()
+        print("interrupted", d.stopped, [t.name for t in threading.enumerate()], flush=True)
+    print("closed in", round(time.monotonic() - started, 3), flush=True)
+""")
+
+
+def test_ctrl_c_interrupts_a_blocking_start_and_stops_it() -> None:
+    child = subprocess.Popen([sys.executable, "-c", INTERRUPTED], stdout=subprocess.PIPE,
+                             text=True)
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == "ready"
+        started = time.monotonic()
+        child.send_signal(signal.SIGINT)
+        out, _ = child.communicate(timeout=10)
+        assert child.returncode == 0
+        assert time.monotonic() - started < 2.0
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(5)
+    interrupted, closed = out.splitlines()
+    # stopped: its connection closed and no thread of it left, only the bus's own ones
+    assert interrupted.startswith("interrupted True")
+    assert "vbus-dispatcher" not in interrupted
+    assert float(closed.split()[-1]) < 1.0
 
 
 def test_callback_errors_are_reported_and_delivery_goes_on(
