@@ -177,7 +177,7 @@ class Inbox:
                  raw: tuple[bytes, list[memoryview]] | None) -> None:
         try:
             data = _wire.decode_payload(env.kind, inline, external, self._decoder)
-            if self._type is not None and env.kind != _wire.KIND_MSGPACK:
+            if self._type is not None and env.kind not in (_wire.KIND_MSGPACK, _wire.KIND_TREE):
                 data = self._convert(data)
         except DecodeError as exc:
             self.errors += 1

@@ -92,12 +92,14 @@ class Outbox:
             kind in _PLAIN or (kind is bytes and len(data) <= BATCHABLE)
         ):
             try:
-                entry = self.encoder.encode(data)  # bytes become a msgpack bin entry
+                entry: bytes | None = self.encoder.encode(data)  # bytes: a msgpack bin entry
+            except _wire.NestedArray:
+                entry = None  # arrays inside: a frame each, so not batchable
             except (TypeError, ValueError, OverflowError, RecursionError) as exc:
                 raise EncodeError(
                     f"cannot encode payload of type {kind.__name__}: {exc!r}"
                 ) from None
-            if len(entry) <= BATCHABLE:
+            if entry is not None and len(entry) <= BATCHABLE:
                 return self._publish_small(topic, prefix, data, kind, entry, now)
         payload = _wire.encode_payload(data, self.encoder)
         sends = self.flush()  # everything published before goes first
