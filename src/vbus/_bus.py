@@ -18,7 +18,7 @@ import msgspec
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from . import _control
+from . import _control, _requests
 from ._broker import MAX_MESSAGE_SIZE, Broker
 from ._control import Report, report_frame
 from ._endpoints import AddressError, is_loopback, parse_address
@@ -27,6 +27,7 @@ from ._flusher import Flusher
 from ._loop import BackgroundLoop
 from ._message import Message
 from ._publisher import LINGER, AsyncPublisher, Publisher, PublisherStats, connect_publisher
+from ._requests import RequestStats
 from ._security import (
     Authorized,
     ClientSecurity,
@@ -70,6 +71,7 @@ class BusStats(msgspec.Struct, frozen=True):
     dropped: int
     per_subscriber: tuple[SubscriberStats, ...]
     per_publisher: tuple[PublisherStats, ...]
+    requests: RequestStats = RequestStats()
 
 
 class _State(enum.Enum):
@@ -344,6 +346,28 @@ class Bus:
             self._callback_threads.append(thread)
         thread.start()
 
+    # -- request/reply (vbus._requests) ------------------------------------------------------
+    @overload
+    def serve(self, topic: str) -> Callable[[Callable[[Message], Any]], _requests.Server]: ...
+    @overload
+    def serve(self, topic: str, handler: Callable[[Message], Any]) -> _requests.Server: ...
+
+    def serve(self, topic: str, handler: Callable[[Message], Any] | None = None) -> Any:
+        """Serve requests on ``topic``: ``handler(msg)`` (sync, on a thread of its own, or
+        async, on the bus's loop) returns the reply. Usable as a decorator. Returns a Server
+        handle once the broker routes the topic's requests to it; ``close()`` stops it.
+        Several servers of a topic share its requests, round-robin."""
+        return _requests.serve(self, topic, handler)
+
+    def request(self, topic: str, data: Any, timeout: float = 5.0) -> Message:
+        """Send ``data`` to one server of ``topic``; its reply. NoResponder at once if nobody
+        serves it, TimeoutError after ``timeout``, RemoteError if the handler raised."""
+        return _requests.request(self, topic, data, timeout)
+
+    async def async_request(self, topic: str, data: Any, timeout: float = 5.0) -> Message:
+        """The asyncio twin of ``request``."""
+        return await _requests.async_request(self, topic, data, timeout)
+
     # -- the background loop ----------------------------------------------------------------
     def _ensure_loop(self) -> BackgroundLoop:
         with self._lock:
@@ -382,6 +406,7 @@ class Bus:
             dropped=sum(s.dropped for s in subs) + sum(p.dropped for p in pubs),
             per_subscriber=subs,
             per_publisher=pubs,
+            requests=_requests.request_stats(self),
         )
 
     # -- shutdown ---------------------------------------------------------------------------
@@ -418,6 +443,8 @@ class Bus:
         # 1. clients sharing our context (vbus.connect to our inproc address)
         for client in list(self._inproc_clients):
             client.close(deadline.remaining() or 0.0)
+        # 1b. request/reply: requests in flight woken with Closed, handlers in flight finish
+        stuck = _requests.close_requests(self, deadline)
         # 2. publishers, then subscribers: each subscriber wakes its waiter, which closes the
         #    socket it owns, and waits for that (a sync callback's thread ends with it)
         with self._lock:
@@ -432,7 +459,7 @@ class Bus:
         # 3. the background loop (cancels async callbacks and submitted coroutines) and the
         #    callback threads, joined unless we are one of them; a stuck user callback may
         #    not eat the time the broker and the context need
-        stuck = self._join_threads(deadline.share(0.8))
+        stuck += self._join_threads(deadline.share(0.8))
         if self._flusher is not None and not self._flusher.stop(deadline):
             stuck.append(self._flusher.name)
         # 4. the broker: forwarder terminated through its control socket, threads joined
