@@ -155,7 +155,17 @@ async def async_request(bus: Any, topic: str, data: Any,
 
 def request_stats(bus: Any) -> RequestStats:
     agent = _AGENTS.get(bus)
-    return agent.stats() if agent is not None else RequestStats()
+    return agent.stats() if isinstance(agent, _Agent) else RequestStats()
+
+
+def in_own_thread(bus: Any) -> bool:
+    """True in a thread the bus's request/reply part runs (a sync handler's): a close() from
+    there must not wait for that thread to end."""
+    agent = _AGENTS.get(bus)
+    if not isinstance(agent, _Agent):
+        return False
+    current = threading.current_thread()
+    return current is agent._thread or current in agent.workers
 
 
 def close_requests(bus: Any, deadline: Deadline) -> list[str]:
@@ -164,15 +174,17 @@ def close_requests(bus: Any, deadline: Deadline) -> list[str]:
     The Bus calls this first in its shutdown, before its loop and its broker stop."""
     with _AGENTS_LOCK:
         agent = _AGENTS.get(bus)
-        _AGENTS[bus] = None  # no agent is made for a closing bus
-    return agent.close(deadline) if agent is not None else []
+        if not isinstance(agent, _Agent):
+            _AGENTS[bus] = _CLOSED  # no agent is made for a closing bus
+            return []
+    return agent.close(deadline)
 
 
 # -- machinery ---------------------------------------------------------------------------------
-_AGENTS: weakref.WeakKeyDictionary[Any, _Agent | None] = weakref.WeakKeyDictionary()
+_CLOSED: Any = object()  # the value for a bus closed before it made an agent
+_AGENTS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 _AGENTS_LOCK = threading.Lock()
 _ENCODER = _wire.new_encoder()  # msgspec encoders may be shared between threads
-_MISSING: Any = object()
 
 
 def _check_timeout(timeout: float) -> None:
@@ -185,16 +197,17 @@ def _encode(data: Any) -> _wire.Payload:
 
 
 def _agent(bus: Any) -> _Agent:
-    agent = _AGENTS.get(bus, _MISSING)
-    if agent is not _MISSING and agent is not None:
-        return agent  # type: ignore[no-any-return]
+    agent = _AGENTS.get(bus)
+    if isinstance(agent, _Agent):
+        return agent  # closed or not: a closed one raises Closed itself
     with _AGENTS_LOCK:
-        agent = _AGENTS.get(bus, _MISSING)
-        if agent is None or bus.closed:
+        agent = _AGENTS.get(bus)
+        if isinstance(agent, _Agent):
+            return agent
+        if agent is _CLOSED or bus.closed:
             raise Closed("the bus is closed")
-        if agent is _MISSING:
-            agent = _AGENTS[bus] = _Agent(bus)
-        return agent  # type: ignore[no-any-return]
+        made = _AGENTS[bus] = _Agent(bus)
+        return made
 
 
 def _is_async(fn: Any) -> bool:
@@ -290,6 +303,7 @@ class _Agent:
              "late"), 0)
         self._invalid = 0
         self._dropped_replies = 0
+        self.workers: set[threading.Thread] = set()  # sync handlers' threads still running
         self._gone_served = 0  # by servers closed since
         self._gone_failed = 0
         self._sends = 0
@@ -634,6 +648,7 @@ class Server:
             self._task = bus.submit(self._work_async(self._aqueue))
         else:
             self._thread = threading.Thread(target=self._work, name=self.name)
+            self._agent.workers.add(self._thread)
             self._thread.start()
 
     # called by the agent thread
@@ -680,6 +695,12 @@ class Server:
     # the handler's side
     def _work(self) -> None:
         block_signals()
+        try:
+            self._work_on()
+        finally:
+            self._agent.workers.discard(threading.current_thread())
+
+    def _work_on(self) -> None:
         while True:
             item = self._queue.get()
             if item is None:
