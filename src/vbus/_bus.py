@@ -483,7 +483,8 @@ class Bus:
     def _in_own_thread(self) -> bool:
         current = threading.current_thread()
         loop = self._loop
-        return current in self._callback_threads or (loop is not None and loop.in_loop_thread)
+        return (current in self._callback_threads or (loop is not None and loop.in_loop_thread)
+                or _requests.in_own_thread(self))
 
     def _terminate_context(self, deadline: Deadline) -> list[str]:
         ctx = self._context
