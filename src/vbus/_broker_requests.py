@@ -205,6 +205,11 @@ class RequestRouter:
                            self.refused, self.dropped)
 
 
+def stats_dict(router: RequestRouter) -> dict[str, int]:
+    """The router's counters for ``$vbus/stats`` (key ``requests``)."""
+    return msgspec.structs.asdict(router.stats())
+
+
 def flush(router: RequestRouter, sock: zmq.Socket[bytes]) -> None:
     """Send what ``router`` queued on ``sock`` (the service's XPUB), never blocking: a message
     that finds the queue full is dropped and counted (its requester times out). The service

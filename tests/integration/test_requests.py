@@ -387,3 +387,17 @@ def test_stats_count_both_sides(bus: vbus.Bus) -> None:
         assert (stats.sent, stats.answered, stats.served, stats.servers) == (5, 5, 5, 1)
     stats = bus.stats().requests
     assert (stats.served, stats.servers) == (5, 0)  # a closed server's count stays
+
+
+def test_the_brokers_stats_count_requests(bus: vbus.Bus) -> None:
+    with bus.subscribe("$vbus/stats") as stats, bus.serve("s", lambda msg: None):
+        bus.request("s", 1)
+        with pytest.raises(vbus.NoResponder):
+            bus.request("nobody", 1)
+        deadline = time.monotonic() + 5.0
+        while True:  # published once a second: the first one after both requests
+            counts = stats.recv(timeout=3.0).data.get("requests", {})
+            if counts.get("routed") == 1 and counts.get("no_responder") == 1:
+                break
+            assert time.monotonic() < deadline, counts
+        assert counts["servers"] == 1

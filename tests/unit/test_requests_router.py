@@ -170,3 +170,11 @@ def test_request_and_async_request_are_twins() -> None:
         p.default for p in a.parameters.values()]
     assert inspect.iscoroutinefunction(vbus.Bus.async_request)
     assert not inspect.iscoroutinefunction(vbus.Bus.request)
+
+
+def test_stats_for_the_brokers_stats_topic() -> None:
+    router = _router(("t", S1))
+    router.request(_request("t", 1), [])
+    router.request(_request("u", 2), [])
+    assert proto.stats_dict(router) == {"servers": 1, "routed": 1, "no_responder": 1,
+                                        "invalid": 0, "refused": 0, "dropped": 0}
