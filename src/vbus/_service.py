@@ -274,6 +274,7 @@ class BrokerService:
         stats = self._ledger.snapshot(time.time(), self._forwarder_stats(), len(self.subscribers))
         stats["peers"] = dict(self.peers)
         stats["retained"] = len(self.retained)
+        stats["requests"] = _broker_requests.stats_dict(self.requests)
         frame = _control.control_frame(
             _control.STATS_TOPIC.encode(), self._sender, payload=_control.stats_payload(stats)
         )
