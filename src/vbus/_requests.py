@@ -45,6 +45,8 @@ log = logging.getLogger("vbus.requests")
 DEFAULT_TIMEOUT = 5.0
 _DRAIN_EVERY = 64
 _REPLY_LINGER = 0.25
+MAX_QUEUED = 10_000
+"""Requests one server may have waiting; more are answered NoResponder ("busy") at once."""
 Handler = Callable[[Message], Any]
 H = TypeVar("H", bound=Handler)
 
@@ -54,7 +56,8 @@ class RequestStats(msgspec.Struct, frozen=True):
     ``answered`` (a reply), ``remote_errors`` (the handler raised), ``no_responder``,
     ``timed_out`` and ``closed`` (woken by close); ``late`` replies came after their request
     had given up and were dropped. As server: ``served`` requests answered, ``failed`` ones
-    whose handler raised (answered with the error), across its ``servers``."""
+    whose handler raised (answered with the error), ``refused`` ones turned away because the
+    server had MAX_QUEUED waiting, across its ``servers``."""
 
     sent: int = 0
     answered: int = 0
@@ -65,6 +68,7 @@ class RequestStats(msgspec.Struct, frozen=True):
     late: int = 0
     served: int = 0
     failed: int = 0
+    refused: int = 0
     servers: int = 0
 
 
@@ -306,6 +310,7 @@ class _Agent:
         self.workers: set[threading.Thread] = set()  # sync handlers' threads still running
         self._gone_served = 0  # by servers closed since
         self._gone_failed = 0
+        self._gone_refused = 0
         self._sends = 0
         self._closed = False
         self._pub_closed = False
@@ -571,12 +576,14 @@ class _Agent:
             counts = dict(self._counts)
         return RequestStats(**counts, served=sum(s.served for s in servers) + self._gone_served,
                             failed=sum(s.failed for s in servers) + self._gone_failed,
+                            refused=sum(s.refused for s in servers) + self._gone_refused,
                             servers=len(servers))
 
     def forget_server(self, server: Server) -> None:
         with self._lock:
             self._gone_served += server.served
             self._gone_failed += server.failed
+            self._gone_refused += server.refused
 
     def close(self, deadline: Deadline) -> list[str]:
         with self._lock:
@@ -623,6 +630,7 @@ class Server:
         self.handler = handler
         self.served = 0
         self.failed = 0
+        self.refused = 0  # requests turned away because MAX_QUEUED were waiting
         self._agent = agent
         self._decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder()
         self._stopping = False
@@ -655,6 +663,12 @@ class Server:
     def _take(self, env: _wire.Envelope, first: bytes, external: Any) -> bool:
         if self._stopping:
             return False
+        queued = self._aqueue.qsize() if self._aqueue is not None else self._queue.qsize()
+        if queued >= MAX_QUEUED:
+            self._agent.reply_none(env.sender.hex(), env.seq,
+                                   f"its server is busy ({queued} requests queued)")
+            self.refused += 1
+            return True
         item = (env, first, external)
         if self._aqueue is not None:
             assert self._loop is not None
@@ -804,6 +818,8 @@ def _serve(bus: Any, topic: str, handler: Handler) -> Server:
         server._stop()
         with agent._lock:
             agent._servers.pop(server.id, None)
+        agent._command("unsubscribe", proto.marker(topic, server.id))
+        agent._command("unsubscribe", proto.serve_prefix(server.id))
         server._join(Deadline(1.0))
         raise
     return server

@@ -401,3 +401,38 @@ def test_the_brokers_stats_count_requests(bus: vbus.Bus) -> None:
                 break
             assert time.monotonic() < deadline, counts
         assert counts["servers"] == 1
+
+
+def test_a_server_with_a_full_queue_turns_requests_away_at_once(
+        bus: vbus.Bus, monkeypatch: pytest.MonkeyPatch) -> None:
+    from vbus import _requests
+
+    monkeypatch.setattr(_requests, "MAX_QUEUED", 2)
+    entered, release = threading.Event(), threading.Event()
+
+    def handler(msg: vbus.Message) -> object:
+        if msg.data == 1:
+            entered.set()
+            release.wait(10.0)
+        return msg.data
+
+    with bus.serve("busy", handler):
+        first = threading.Thread(target=bus.request, args=("busy", 1))
+        first.start()
+        assert entered.wait(5.0)
+
+        async def three() -> list[object]:
+            return await asyncio.gather(*(bus.async_request("busy", i) for i in (2, 3, 4)),
+                                        return_exceptions=True)
+
+        future = bus.submit(three())
+        # the fourth is turned away while the first is still in the handler
+        deadline = time.monotonic() + 5.0
+        while bus.stats().requests.no_responder < 1 and time.monotonic() < deadline:
+            time.sleep(0.001)  # sleep-ok: waiting for our own request's answer
+        release.set()
+        second, third, fourth = future.result(5.0)
+        first.join(5.0)
+    assert [second.data, third.data] == [2, 3]  # type: ignore[union-attr]
+    assert isinstance(fourth, vbus.NoResponder) and "busy" in str(fourth)
+    assert bus.stats().requests.refused == 1
