@@ -191,18 +191,19 @@ def main() -> int:
         return 0
 
     tmp = tempfile.mkdtemp(prefix="vbus-bench-reqrep-")
-    results: dict[str, dict[str, float]] = {}
-    for name in ("vbus", "raw", "raw-proxy"):
-        runs = []
-        for i in range(args.runs):
+    names = ("vbus", "raw", "raw-proxy")
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in names}
+    for i in range(args.runs):  # interleaved: a busy machine slows every side alike
+        for name in names:
             if args.transport == "ipc":
                 address = f"ipc://{tmp}/{name}-{i}"
             else:
                 address = "tcp://127.0.0.1:0" if name == "vbus" else _free_tcp()
             took = (run_vbus(address, args.count) if name == "vbus"
                     else run_raw(address, args.count, proxy=name == "raw-proxy"))
-            runs.append(summary(took))
-        results[name] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+            runs[name].append(summary(took))
+    results = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+               for name, rs in runs.items()}
     with contextlib.suppress(OSError):
         for f in os.listdir(tmp):
             os.unlink(os.path.join(tmp, f))

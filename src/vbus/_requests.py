@@ -119,10 +119,10 @@ def request(bus: Any, topic: str, data: Any, timeout: float = DEFAULT_TIMEOUT) -
     ``sender`` is the server's id). NoResponder at once when nobody serves the topic,
     TimeoutError after ``timeout`` s, RemoteError when the handler raised, Closed when the
     bus closes meanwhile."""
-    validate_topic(topic)
+    prefix = _request_prefix(topic)
     _check_timeout(timeout)
     agent = _agent(bus)
-    pending = _Pending(topic)
+    pending = _Pending(topic, prefix)
     rid = agent.start(pending, _encode(data))
     try:
         if not pending.event.wait(timeout) and agent.expire(rid):
@@ -136,11 +136,11 @@ def request(bus: Any, topic: str, data: Any, timeout: float = DEFAULT_TIMEOUT) -
 async def async_request(bus: Any, topic: str, data: Any,
                         timeout: float = DEFAULT_TIMEOUT) -> Message:
     """The asyncio twin of ``request``: awaits the reply without blocking the loop."""
-    validate_topic(topic)
+    prefix = _request_prefix(topic)
     _check_timeout(timeout)
     agent = _agent(bus)
     loop = asyncio.get_running_loop()
-    pending = _Pending(topic, loop)
+    pending = _Pending(topic, prefix, loop)
     rid = agent.start(pending, _encode(data))
     assert pending.future is not None
     try:
@@ -191,8 +191,22 @@ _AGENTS_LOCK = threading.Lock()
 _ENCODER = _wire.new_encoder()  # msgspec encoders may be shared between threads
 
 
+_PREFIXES: dict[str, bytes] = {}  # valid topics -> their request prefix
+_PREFIX_CACHE_LIMIT = 4096
+
+
+def _request_prefix(topic: str) -> bytes:
+    prefix = _PREFIXES.get(topic)
+    if prefix is None:
+        validate_topic(topic)
+        if len(_PREFIXES) >= _PREFIX_CACHE_LIMIT:
+            _PREFIXES.clear()
+        prefix = _PREFIXES[topic] = proto.request_prefix(topic)
+    return prefix
+
+
 def _check_timeout(timeout: float) -> None:
-    if not (isinstance(timeout, (int, float)) and timeout > 0):
+    if not (isinstance(timeout, (int, float)) and 0 < timeout < float("inf")):
         raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
 
 
@@ -223,10 +237,12 @@ def _is_async(fn: Any) -> bool:
 class _Pending:
     """One request waiting for its outcome: a Message, or the exception to raise."""
 
-    __slots__ = ("event", "future", "loop", "outcome", "topic")
+    __slots__ = ("event", "future", "loop", "outcome", "prefix", "topic")
 
-    def __init__(self, topic: str, loop: asyncio.AbstractEventLoop | None = None) -> None:
+    def __init__(self, topic: str, prefix: bytes,
+                 loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.topic = topic
+        self.prefix = prefix
         self.loop = loop
         self.event = threading.Event()
         self.future: asyncio.Future[None] | None = (
@@ -293,6 +309,7 @@ class _Agent:
 
     def __init__(self, bus: Any) -> None:
         self.id = secrets.token_hex(8)
+        self.sender = bytes.fromhex(self.id)
         self._reply_topic = proto.reply_subscription(self.id).decode()
         self._pid = os.getpid()
         self._lock = threading.Lock()  # the pending requests, counters, servers
@@ -339,10 +356,8 @@ class _Agent:
             rid = self._last_id
             self._pending[rid] = pending
             self._counts["sent"] += 1
-        frame, external = _wire.build_frames(
-            proto.request_prefix(pending.topic), 0, bytes.fromhex(self.id), rid, time.time(),
-            payload,
-        )
+        frame, external = _wire.build_frames(pending.prefix, 0, self.sender, rid, time.time(),
+                                             payload)
         try:
             sent = self._send(frame, external)
         except BaseException:
@@ -477,7 +492,7 @@ class _Agent:
                 self.reply_none(requester, env.seq, "the server closed before handling it")
 
     def reply_none(self, requester: str, rid: int, why: str) -> None:
-        frame = proto.no_responder_frame(requester, rid, bytes.fromhex(self.id), why)
+        frame = proto.no_responder_frame(requester, rid, self.sender, why)
         try:
             self._send(frame, None)
         except Closed:
