@@ -214,3 +214,32 @@ def test_a_forked_childs_copy_of_a_bus_refuses_requests() -> None:
     done = subprocess.run([sys.executable, "-c", FORK_CHILD], capture_output=True, text=True,
                           timeout=30.0)
     assert done.returncode == 0, done.stderr
+
+
+CTRL_C_CHILD = textwrap.dedent(
+    """
+    import os, signal, threading, time, vbus
+    bus = vbus.Bus()
+    release = threading.Event()
+    bus.serve("slow", lambda msg: release.wait(10.0))
+    threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+    started = time.monotonic()
+    try:
+        bus.request("slow", None, timeout=10.0)
+    except KeyboardInterrupt:
+        print(f"interrupted after {time.monotonic() - started:.3f}", flush=True)
+    release.set()
+    bus.close()
+    print("late", bus.stats().requests.late, "threads", threading.active_count(), flush=True)
+    """
+)
+
+
+def test_ctrl_c_interrupts_a_request_in_the_main_thread() -> None:
+    done = subprocess.run([sys.executable, "-c", CTRL_C_CHILD], capture_output=True,
+                          text=True, timeout=30.0)
+    assert done.returncode == 0, done.stderr
+    first, second = done.stdout.splitlines()
+    assert first.startswith("interrupted after ")
+    assert float(first.split()[-1]) < 0.3 + 0.1
+    assert second.endswith("threads 1")
