@@ -44,6 +44,7 @@ log = logging.getLogger("vbus.requests")
 
 DEFAULT_TIMEOUT = 5.0
 _DRAIN_EVERY = 64
+_DRAIN_BATCH = 1000
 _REPLY_LINGER = 0.25
 MAX_QUEUED = 10_000
 """Requests one server may have waiting; more are answered NoResponder ("busy") at once."""
@@ -335,9 +336,15 @@ class _Agent:
         self._errors = BurstLog(log, "request/reply agent skipped bad input")
         link = _connect(bus, self.id)
         self._pub, self._sub, self.timeout = link.pub, link.sub, link.timeout
-        self._bell = _Doorbell()
-        self._thread = threading.Thread(target=self._run, name=f"vbus-requests-{self.id[:8]}")
-        self._thread.start()
+        try:
+            self._bell = _Doorbell()
+            self._thread = threading.Thread(target=self._run,
+                                            name=f"vbus-requests-{self.id[:8]}")
+            self._thread.start()
+        except BaseException:
+            self._pub.close(0)
+            self._sub.close(0)
+            raise
 
     # -- requester side ---------------------------------------------------------------------
     def _check_usable(self) -> None:
@@ -455,7 +462,7 @@ class _Agent:
 
     def _drain(self) -> None:
         sub = self._sub
-        while True:
+        for _ in range(_DRAIN_BATCH):  # then back to poll: a flood cannot starve a close
             try:
                 first = sub.recv(zmq.NOBLOCK)
                 rest: list[zmq.Frame] = []
@@ -605,6 +612,8 @@ class _Agent:
             if self._closed:
                 return []
             self._closed = True
+            if os.getpid() != self._pid:
+                return []  # a forked child's copy: its sockets and threads are the parent's
             pending, self._pending = self._pending, {}
             self._counts["closed"] += len(pending)
             for p in pending.values():
@@ -612,7 +621,7 @@ class _Agent:
                                  "in flight"))
             servers = list(self._servers.values())
         stuck: list[str] = []
-        if servers and os.getpid() == self._pid:
+        if servers:
             self.unregister(servers, deadline.share(0.25))
             for server in servers:
                 server._stop()
