@@ -662,6 +662,9 @@ class Server:
         self._close_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._async = False
+        self._handoff = threading.Lock()  # the async worker's queue, once it has started
+        self._early: deque[Any] = deque()  # requests that came before it started
         self._loop: asyncio.AbstractEventLoop | None = None
         self._aqueue: asyncio.Queue[Any] | None = None
         self._task: Any = None  # concurrent.futures.Future of the async worker
@@ -675,9 +678,9 @@ class Server:
 
     def _start(self, bus: Any) -> None:
         if _is_async(self.handler):
-            self._loop = bus.submit(_running_loop()).result(self._agent.timeout)
-            self._aqueue = asyncio.Queue()
-            self._task = bus.submit(self._work_async(self._aqueue))
+            # Not a blocking look-up of the loop: serve() may be called on that very loop.
+            self._async = True
+            self._task = bus.submit(self._work_async())
         else:
             self._thread = threading.Thread(target=self._work, name=self.name)
             self._agent.workers.add(self._thread)
@@ -687,32 +690,38 @@ class Server:
     def _take(self, env: _wire.Envelope, first: bytes, external: Any) -> bool:
         if self._stopping:
             return False
-        queued = self._aqueue.qsize() if self._aqueue is not None else self._queue.qsize()
+        queued = self._queued()
         if queued >= MAX_QUEUED:
             self._agent.reply_none(env.sender.hex(), env.seq,
                                    f"its server is busy ({queued} requests queued)")
             self.refused += 1
             return True
-        item = (env, first, external)
-        if self._aqueue is not None:
-            assert self._loop is not None
-            try:
-                self._loop.call_soon_threadsafe(self._aqueue.put_nowait, item)
-            except RuntimeError:
-                return False  # the loop is closed
-        else:
+        return self._put((env, first, external))
+
+    def _queued(self) -> int:
+        if not self._async:
+            return self._queue.qsize()
+        inbox = self._aqueue
+        return inbox.qsize() if inbox is not None else len(self._early)
+
+    def _put(self, item: Any) -> bool:
+        if not self._async:
             self._queue.put(item)
+            return True
+        with self._handoff:
+            if self._loop is None or self._aqueue is None:
+                self._early.append(item)  # the worker task has not started yet
+                return True
+            loop, inbox = self._loop, self._aqueue
+        try:
+            loop.call_soon_threadsafe(inbox.put_nowait, item)
+        except RuntimeError:
+            return False  # the loop is closed
         return True
 
     def _stop(self) -> None:
         self._stopping = True
-        if self._aqueue is not None and self._loop is not None:
-            try:
-                self._loop.call_soon_threadsafe(self._aqueue.put_nowait, None)
-            except RuntimeError:
-                pass
-        else:
-            self._queue.put(None)
+        self._put(None)
 
     def _join(self, deadline: Deadline) -> bool:
         if self._thread is not None:
@@ -720,10 +729,11 @@ class Server:
         if self._task is None or self._task.done():
             return True
         try:
-            if asyncio.get_running_loop() is self._loop:
-                return True  # closed from a handler on the loop: it ends when that returns
+            running = asyncio.get_running_loop()
         except RuntimeError:
-            pass
+            running = None
+        if running is not None and self._loop in (None, running):
+            return True  # closed from the bus's loop: the worker ends once that returns
         try:
             self._task.result(deadline.remaining())
         except Exception:
@@ -753,7 +763,13 @@ class Server:
                 continue
             self._answer(item[0], result)
 
-    async def _work_async(self, inbox: asyncio.Queue[Any]) -> None:
+    async def _work_async(self) -> None:
+        inbox: asyncio.Queue[Any] = asyncio.Queue()
+        with self._handoff:
+            for item in self._early:
+                inbox.put_nowait(item)
+            self._early.clear()
+            self._aqueue, self._loop = inbox, asyncio.get_running_loop()
         while True:
             item = await inbox.get()
             if item is None:
@@ -823,10 +839,6 @@ class Server:
 
     def __repr__(self) -> str:
         return f"<vbus.Server {self.topic!r} {self.id} {'closed' if self._closed else 'open'}>"
-
-
-async def _running_loop() -> asyncio.AbstractEventLoop:
-    return asyncio.get_running_loop()
 
 
 def _serve(bus: Any, topic: str, handler: Handler) -> Server:

@@ -436,3 +436,14 @@ def test_a_server_with_a_full_queue_turns_requests_away_at_once(
     assert [second.data, third.data] == [2, 3]  # type: ignore[union-attr]
     assert isinstance(fourth, vbus.NoResponder) and "busy" in str(fourth)
     assert bus.stats().requests.refused == 1
+
+
+def test_serve_and_request_from_a_coroutine_on_the_bus_loop(bus: vbus.Bus) -> None:
+    async def handler(msg: vbus.Message) -> object:
+        return msg.data
+
+    async def on_the_loop() -> object:
+        bus.serve("from/loop", handler)  # must not wait for the loop it runs on
+        return (await bus.async_request("from/loop", "hi")).data
+
+    assert bus.submit(on_the_loop()).result(5.0) == "hi"
