@@ -6,9 +6,19 @@ loop, delivery without sleeps, losses counted, and a shutdown that never hangs.
 
 from ._bus import Bus, BusStats, Handle, connect
 from ._endpoints import AddressError
-from ._errors import Closed, ConnectError, DecodeError, EncodeError, TopicError, VbusError
+from ._errors import (
+    Closed,
+    ConnectError,
+    DecodeError,
+    EncodeError,
+    NoResponder,
+    RemoteError,
+    TopicError,
+    VbusError,
+)
 from ._message import Message
 from ._publisher import AsyncPublisher, Publisher, PublisherStats
+from ._requests import RequestStats, Server
 from ._security import (
     Keypair,
     SecurityError,
@@ -33,9 +43,13 @@ __all__ = [
     "Handle",
     "Keypair",
     "Message",
+    "NoResponder",
     "Publisher",
     "PublisherStats",
+    "RemoteError",
+    "RequestStats",
     "SecurityError",
+    "Server",
     "Subscriber",
     "SubscriberStats",
     "TopicError",

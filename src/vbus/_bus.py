@@ -27,7 +27,7 @@ import msgspec
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from . import _control
+from . import _control, _requests
 from ._broker import MAX_MESSAGE_SIZE, Broker
 from ._context import ContextKeeper
 from ._endpoints import AddressError, Endpoints, is_loopback, parse_address
@@ -44,6 +44,7 @@ from ._publisher import (
     connect_publisher,
     new_outbox,
 )
+from ._requests import RequestStats
 from ._security import (
     Authorized,
     ClientSecurity,
@@ -87,6 +88,7 @@ class BusStats(msgspec.Struct, frozen=True):
     dropped: int
     per_subscriber: tuple[SubscriberStats, ...]
     per_publisher: tuple[PublisherStats, ...]
+    requests: RequestStats = RequestStats()
 
 
 class _State(enum.Enum):
@@ -260,7 +262,8 @@ class _Core:
     def in_own_thread(self) -> bool:
         current = threading.current_thread()
         loop = self.loop
-        return current in self.callback_threads or (loop is not None and loop.in_loop_thread)
+        return (current in self.callback_threads or (loop is not None and loop.in_loop_thread)
+                or _requests.in_own_thread(self))
 
     # -- shutdown -----------------------------------------------------------------------------
     def close(self, timeout: float) -> None:
@@ -306,6 +309,8 @@ class _Core:
             client.close(deadline.remaining() or 0.0)
             if not client.done:
                 stuck.append(f"client {client.name}")
+        # 1b. request/reply: requests in flight woken with Closed, handlers in flight finish
+        stuck += _requests.close_requests(self, deadline)
         # 2. publishers (each closes its socket under its lock, or has the thread inside it
         #    do so), then subscribers (each wakes its receiver, which closes its socket)
         with self.lock:
@@ -582,6 +587,28 @@ class Bus:
             raise
         return Handle(callback, sub)
 
+    # -- request/reply (vbus._requests) ------------------------------------------------------
+    @overload
+    def serve(self, topic: str) -> Callable[[Callable[[Message], Any]], _requests.Server]: ...
+    @overload
+    def serve(self, topic: str, handler: Callable[[Message], Any]) -> _requests.Server: ...
+
+    def serve(self, topic: str, handler: Callable[[Message], Any] | None = None) -> Any:
+        """Serve requests on ``topic``: ``handler(msg)`` (sync, on a thread of its own, or
+        async, on the bus's loop) returns the reply. Usable as a decorator. Returns a Server
+        handle once the broker routes the topic's requests to it; ``close()`` stops it.
+        Several servers of a topic share its requests, round-robin."""
+        return _requests.serve(self, topic, handler)
+
+    def request(self, topic: str, data: Any, timeout: float = 5.0) -> Message:
+        """Send ``data`` to one server of ``topic``; its reply. NoResponder at once if nobody
+        serves it, TimeoutError after ``timeout``, RemoteError if the handler raised."""
+        return _requests.request(self, topic, data, timeout)
+
+    async def async_request(self, topic: str, data: Any, timeout: float = 5.0) -> Message:
+        """The asyncio twin of ``request``."""
+        return await _requests.async_request(self, topic, data, timeout)
+
     # -- the background loop ----------------------------------------------------------------
     def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
         """Run ``coro`` on the bus's background loop; cancelled when the bus closes."""
@@ -614,6 +641,7 @@ class Bus:
             dropped=sum(s.dropped for s in subs) + sum(p.dropped for p in pubs),
             per_subscriber=subs,
             per_publisher=pubs,
+            requests=_requests.request_stats(self),
         )
 
     # -- shutdown ---------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from . import (
     _cmd_pub,
     _cmd_record,
     _cmd_replay,
+    _cmd_req,
     _cmd_stats,
     _cmd_sub,
 )
@@ -46,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     _cmd_broker.register(commands)
     _cmd_pub.register(commands)
     _cmd_sub.register(commands)
+    _cmd_req.register(commands)
     _cmd_stats.register(commands)
     _cmd_record.register(commands)
     _cmd_replay.register(commands)

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from . import _control, _wire
+from . import _broker_requests, _control, _wire
 from ._errors import DecodeError, TopicError
 from ._ledger import Ledger, RetainedStore
 from ._security import Authorizer, zap_reply
@@ -66,6 +66,7 @@ class BrokerService:
         self.retained = RetainedStore()
         self._wants: dict[bytes, Pattern] = {}
         self._ledger = Ledger(broker_id, time.time())
+        self.requests = _broker_requests.RequestRouter(self._sender)
 
     def run(self, started: Started[None]) -> None:
         block_signals()
@@ -81,6 +82,7 @@ class BrokerService:
             out.connect(self._publish_endpoint)
             into.subscribe(_control.RETAIN)
             into.subscribe(_control.REPORT)
+            into.subscribe(_broker_requests.REQUEST)
             into.connect(self._subscribe_endpoint)
             self._confirm_own_subscription(out, into)
             poller = zmq.Poller()
@@ -138,8 +140,10 @@ class BrokerService:
             try:
                 if into in events:
                     self._drain_data(into)
+                    _broker_requests.flush(self.requests, out)  # before any confirmation
                 if out in events:
                     self._drain_subscriptions(out, into)
+                    _broker_requests.flush(self.requests, out)
                 for sock in monitors:
                     if sock in events:
                         self._drain_monitor(sock)
@@ -166,6 +170,8 @@ class BrokerService:
                 self.retained.take(first, rest)
             elif first.startswith(_control.REPORT):
                 self._take_report(first)
+            elif first.startswith(_broker_requests.REQUEST):
+                self.requests.request(first, rest)
 
     def _drain_monitor(self, sock: zmq.Socket[bytes]) -> None:
         while True:
@@ -218,6 +224,8 @@ class BrokerService:
             except zmq.Again:
                 return
             change, body = event[:1], event[1:]
+            if self.requests.subscription(change == _SUBSCRIBE, body):
+                continue
             if body.startswith(_control.READY) and body.endswith(b"\0"):
                 token = body[len(_control.READY) : -1]
                 if change == _SUBSCRIBE and token.isascii():
@@ -266,6 +274,7 @@ class BrokerService:
         stats = self._ledger.snapshot(time.time(), self._forwarder_stats(), len(self.subscribers))
         stats["peers"] = dict(self.peers)
         stats["retained"] = len(self.retained)
+        stats["requests"] = _broker_requests.stats_dict(self.requests)
         frame = _control.control_frame(
             _control.STATS_TOPIC.encode(), self._sender, payload=_control.stats_payload(stats)
         )
