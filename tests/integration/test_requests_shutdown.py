@@ -182,7 +182,7 @@ def test_hostile_frames_on_request_topics_harm_nobody(leakcheck: LeakCheck) -> N
 def _agents_of(bus: vbus.Bus) -> list[str]:
     from vbus import _requests
 
-    agent = _requests._AGENTS.get(bus)
+    agent = _requests._AGENTS.get(bus._core)
     assert agent is not None
     return [agent.id]
 
