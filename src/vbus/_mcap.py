@@ -45,14 +45,17 @@ lz4 is not installed) and carry CRCs, which replay and info check.
 
 from __future__ import annotations
 
+import array
 import base64
 import datetime
 import io
 import json
 import logging
 import math
+import struct
 import sys
 import time
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
@@ -234,6 +237,9 @@ def summarize(value: Any) -> Any:
     return jsonable(value)
 
 
+_EXACT = frozenset({str, int, bool, type(None)})
+
+
 def _exact_json(data: Any, exact: bytes) -> bytes | None:
     """``data`` as JSON if JSON brings back the same msgpack bytes, else None."""
     try:
@@ -266,15 +272,20 @@ def encode_message(msg: Message) -> tuple[str, bytes, int]:
     numpy = sys.modules.get("numpy")
     if numpy is not None and isinstance(data, numpy.ndarray):
         return _encode_array(msg, data, numpy)
+    kind = type(data)
+    if kind in _EXACT or (kind is float and math.isfinite(data)):
+        # JSON carries these exactly (finite floats: shortest round-trip repr): no check
+        text = _JSON.encode(data)
+        return VALUE, _JSON.encode(ValueBody(msgspec.Raw(text), env)), len(text)
     try:
         exact = _MSGPACK.encode(data)
     except (TypeError, ValueError, OverflowError) as exc:
         raise EncodeError(
             f"{msg.topic!r} seq {msg.seq}: cannot record a {type(data).__name__}: {exc}"
         ) from None
-    text = _exact_json(data, exact)
-    if text is not None:
-        body = ValueBody(msgspec.Raw(text), env)
+    as_json = _exact_json(data, exact)
+    if as_json is not None:
+        body = ValueBody(msgspec.Raw(as_json), env)
     else:
         body = ValueBody(summarize(data), env, exact)
     return VALUE, _JSON.encode(body), len(exact)
@@ -341,22 +352,198 @@ def frames_of(topic: str, schema: str, body: Any) -> tuple[bytes, bytes | None]:
 
 
 # -- writing ----------------------------------------------------------------------------------
+_MESSAGE_HEAD = struct.Struct("<BQHIQQ")  # opcode, length, channel, sequence, log, publish time
+_INDEX_HEAD = struct.Struct("<BQHI")  # opcode, length, channel, byte length of the entries
+_CHUNK_SIZE = 1 << 20
+
+
+class McapWriter:
+    """An MCAP writer whose per-message path is a struct.pack and a list append (the mcap
+    package's Writer makes several objects per message: 13 us, most of a recorder's time).
+    The rare records (header, schemas, channels, chunks, indexes, summary) are the mcap
+    package's own record classes. Chunked, with message indexes, chunk CRCs, statistics,
+    summary offsets and a summary CRC, as the mcap package writes them."""
+
+    def __init__(self, stream: IO[bytes], *, library: str, compress: bool) -> None:
+        from mcap.data_stream import RecordBuilder
+        from mcap.records import Header
+
+        self._stream = stream
+        self._compress: Any = None
+        if compress:
+            try:
+                import lz4.frame  # type: ignore[import-untyped]
+
+                self._compress = lz4.frame.compress
+            except ImportError:
+                pass
+        self._builder = RecordBuilder()
+        stream.write(_MAGIC)
+        Header("", library).write(self._builder)
+        self._flush()
+        self._parts: list[bytes] = []
+        self._size = 0
+        self._index: dict[int, array.array[int]] = {}
+        self._first = self._last = 0
+        self._in_chunk = 0
+        self._schemas: list[Any] = []
+        self._channels: list[Any] = []
+        self._counts: dict[int, int] = {}
+        self._chunk_indexes: list[Any] = []
+        self._metadata_indexes: list[Any] = []
+        self.message_count = 0
+        self._start = self._end = 0
+
+    def _flush(self) -> None:
+        self._stream.write(self._builder.end())  # type: ignore[no-untyped-call]
+
+    def _record(self, record: Any) -> None:
+        """A schema or channel record, into the current chunk."""
+        from mcap.data_stream import RecordBuilder
+
+        builder = RecordBuilder()
+        record.write(builder)
+        data: bytes = builder.end()  # type: ignore[no-untyped-call]
+        self._parts.append(data)
+        self._size += len(data)
+
+    def register_schema(self, name: str, encoding: str, data: bytes) -> int:
+        from mcap.records import Schema
+
+        schema = Schema(id=len(self._schemas) + 1, name=name, encoding=encoding, data=data)
+        self._schemas.append(schema)
+        self._record(schema)
+        return int(schema.id)
+
+    def register_channel(self, topic: str, message_encoding: str, schema_id: int,
+                         metadata: dict[str, str]) -> int:
+        from mcap.records import Channel
+
+        channel = Channel(id=len(self._channels) + 1, schema_id=schema_id, topic=topic,
+                          message_encoding=message_encoding, metadata=metadata)
+        self._channels.append(channel)
+        self._record(channel)
+        return int(channel.id)
+
+    def add_message(self, channel: int, log_time: int, publish_time: int, sequence: int,
+                    data: bytes) -> None:
+        # log times only grow (the recorder makes them so): no min/max per message
+        offset = self._size
+        self._parts.append(_MESSAGE_HEAD.pack(5, 22 + len(data), channel, sequence, log_time,
+                                              publish_time))
+        self._parts.append(data)
+        self._size = offset + 31 + len(data)
+        index = self._index.get(channel)
+        if index is None:
+            index = self._index[channel] = array.array("Q")
+        index.append(log_time)
+        index.append(offset)
+        if not self._in_chunk:
+            self._first = log_time
+            if not self.message_count:
+                self._start = log_time
+        self._last = self._end = log_time
+        self._in_chunk += 1
+        self.message_count += 1
+        self._counts[channel] = self._counts.get(channel, 0) + 1
+        if self._size >= _CHUNK_SIZE:
+            self._finish_chunk()
+
+    def _finish_chunk(self) -> None:
+        from mcap.records import Chunk as McapChunk
+        from mcap.records import ChunkIndex
+
+        if not self._in_chunk:
+            return  # schemas and channels wait for the chunk of their first message
+        data = b"".join(self._parts)
+        packed = self._compress(data) if self._compress is not None else data
+        compression = "lz4" if self._compress is not None else ""
+        chunk = McapChunk(compression=compression, data=packed, message_start_time=self._first,
+                          message_end_time=self._last, uncompressed_crc=zlib.crc32(data),
+                          uncompressed_size=len(data))
+        start = self._stream.tell()
+        chunk.write(self._builder)
+        length = self._builder.count
+        self._flush()
+        index_start = self._stream.tell()
+        offsets: dict[int, int] = {}
+        parts = []
+        position = 0
+        for channel, records in self._index.items():
+            offsets[channel] = index_start + position
+            if sys.byteorder != "little":
+                records.byteswap()
+            entries = records.tobytes()  # (log_time, offset) pairs, u64 each
+            parts.append(_INDEX_HEAD.pack(7, 6 + len(entries), channel, len(entries)))
+            parts.append(entries)
+            position += 15 + len(entries)
+        self._stream.write(b"".join(parts))
+        index_length = position
+        self._chunk_indexes.append(ChunkIndex(
+            message_start_time=self._first, message_end_time=self._last,
+            chunk_start_offset=start, chunk_length=length, message_index_offsets=offsets,
+            message_index_length=index_length, compression=compression,
+            compressed_size=len(packed), uncompressed_size=len(data)))
+        self._parts, self._size, self._index, self._in_chunk = [], 0, {}, 0
+
+    def add_metadata(self, name: str, data: dict[str, str]) -> None:
+        from mcap.records import Metadata, MetadataIndex
+
+        offset = self._stream.tell()
+        Metadata(name=name, metadata=data).write(self._builder)
+        self._metadata_indexes.append(MetadataIndex(offset=offset, length=self._builder.count,
+                                                    name=name))
+        self._flush()
+
+    def finish(self) -> None:
+        from mcap.data_stream import RecordBuilder
+        from mcap.opcode import Opcode
+        from mcap.records import DataEnd, Footer, Statistics, SummaryOffset
+
+        self._finish_chunk()
+        if self._parts:  # schemas or channels of no message: a chunk would need messages
+            self._stream.write(b"".join(self._parts))
+            self._parts, self._size = [], 0
+        DataEnd(0).write(self._builder)
+        self._flush()
+        summary_start = self._stream.tell()
+        summary = RecordBuilder()
+        offsets = []
+        stats = Statistics(
+            message_count=self.message_count, schema_count=len(self._schemas),
+            channel_count=len(self._channels), attachment_count=0,
+            metadata_count=len(self._metadata_indexes), chunk_count=len(self._chunk_indexes),
+            message_start_time=self._start, message_end_time=self._end,
+            channel_message_counts=dict(self._counts))
+        for opcode, group in ((Opcode.SCHEMA, self._schemas), (Opcode.CHANNEL, self._channels),
+                              (Opcode.STATISTICS, [stats]),
+                              (Opcode.CHUNK_INDEX, self._chunk_indexes),
+                              (Opcode.METADATA_INDEX, self._metadata_indexes)):
+            begin = summary.count
+            for record in group:
+                record.write(summary)
+            offsets.append(SummaryOffset(group_opcode=opcode, group_start=summary_start + begin,
+                                         group_length=summary.count - begin))
+        offset_start = summary_start + summary.count
+        for offset in offsets:
+            offset.write(summary)
+        data = summary.end()  # type: ignore[no-untyped-call]
+        crc = zlib.crc32(struct.pack("<BQQQ", Opcode.FOOTER, 20, summary_start, offset_start),
+                         zlib.crc32(data))
+        self._stream.write(data)
+        Footer(summary_start=summary_start, summary_offset_start=offset_start,
+               summary_crc=crc).write(self._builder)
+        self._flush()
+        self._stream.write(_MAGIC)
+
+
 class RecordingWriter:
     """Writes received messages to an MCAP stream; ``finish()`` writes the summary."""
 
     def __init__(self, stream: IO[bytes], metadata: dict[str, str]) -> None:
-        from mcap.writer import CompressionType, Writer
-
         from . import __version__
 
-        try:
-            import lz4  # type: ignore[import-untyped]  # noqa: F401
-
-            compression = CompressionType.LZ4
-        except ImportError:
-            compression = CompressionType.NONE
-        self._writer = Writer(stream, compression=compression)
-        self._writer.start(profile="", library=f"vbus {__version__}")
+        self._writer = McapWriter(stream, library=f"vbus {__version__}", compress=True)
         self._writer.add_metadata(METADATA_NAME, {
             FORMAT_KEY: RECORDING_FORMAT, WIRE_KEY: str(_wire.VERSION),
             "started": datetime.datetime.now(datetime.timezone.utc).isoformat(), **metadata,
@@ -395,25 +582,30 @@ class RecordingWriter:
 
     def add(self, msg: Message) -> None:
         schema, body, size = encode_message(msg)
-        self._writer.add_message(
-            channel_id=self._channel(msg.topic, schema), log_time=self._log_time(), data=body,
-            publish_time=_ns(msg.time), sequence=msg.seq & 0xFFFFFFFF,
-        )
-        self._topics.add(msg.topic)
+        topic = msg.topic
+        channel = self._channels.get((topic, schema))
+        if channel is None:
+            channel = self._channel(topic, schema)
+            self._topics.add(topic)
+        now = self._wall0 + time.monotonic_ns() - self._mono0
+        if now <= self._last_log:
+            now = self._last_log + 1
+        self._last_log = now
+        when = msg.time
+        publish = int(when * 1e9) if 0 <= when < 1.8e10 else _ns(when)
+        self._writer.add_message(channel, now, publish, msg.seq & 0xFFFFFFFF, body)
         self.messages += 1
         self.bytes += size
 
     def add_loss(self, topic: str, sender: str, lost: int, after_seq: int | None) -> None:
         now = self._log_time()
-        self._writer.add_message(
-            channel_id=self._channel(LOSS_TOPIC, LOSS), log_time=now, publish_time=now,
-            data=_JSON.encode(LossBody(topic, sender, lost, after_seq)),
-        )
+        self._writer.add_message(self._channel(LOSS_TOPIC, LOSS), now, now, 0,
+                                 _JSON.encode(LossBody(topic, sender, lost, after_seq)))
 
     def finish(self, summary: dict[str, str] | None = None) -> None:
         if summary is not None:
             self._writer.add_metadata(SUMMARY_NAME, summary)
-        self._writer.finish()  # type: ignore[no-untyped-call]
+        self._writer.finish()
 
 
 # -- reading ----------------------------------------------------------------------------------
