@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from . import (
     _cmd_broker,
     _cmd_extras,
+    _cmd_info,
     _cmd_keygen,
     _cmd_pub,
     _cmd_record,
@@ -41,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    parser.add_argument("--version", action="version", version=f"vbus {_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     _cmd_extras.register_demo(commands)  # the README's first command
     _cmd_broker.register(commands)
@@ -49,9 +51,16 @@ def build_parser() -> argparse.ArgumentParser:
     _cmd_stats.register(commands)
     _cmd_record.register(commands)
     _cmd_replay.register(commands)
+    _cmd_info.register(commands)
     _cmd_keygen.register(commands)
     _cmd_extras.register_bench(commands)
     return parser
+
+
+def _version() -> str:
+    from . import __version__
+
+    return str(__version__)
 
 
 def describe(exc: BaseException) -> str:

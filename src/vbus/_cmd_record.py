@@ -104,7 +104,7 @@ class LossCounter:
         self.total_lost = 0
 
     def found(self, topic: str, sender: str, lost: int) -> None:
-        if self._excluded and any(p.matches(topic) for p in self._excluded):
+        if self._excluded and any(p.match(topic) for p in self._excluded):
             return  # not recorded: neither its messages nor its losses
         self._pending.append((topic, sender, lost))
 
@@ -222,7 +222,7 @@ def _record(sub: Any, writer: Any, losses: LossCounter, excluded: list[Any],
             except TimeoutError:
                 progress.update(status)
                 continue
-            if excluded and any(p.matches(msg.topic) for p in excluded):
+            if excluded and any(p.match(msg.topic) for p in excluded):
                 continue
             try:
                 writer.add(msg)

@@ -113,7 +113,7 @@ def _selected(reader: Any, args: argparse.Namespace, only: Any) -> Any:
             origin = rec.log_time
         if rec.log_time - origin < start_ns:
             continue
-        if only is not None and not only.matches(rec.topic):
+        if only is not None and not only.match(rec.topic):
             continue
         first, external = frames_of(rec.topic, rec.schema, rec.body)
         yield rec, first, external
