@@ -22,6 +22,7 @@ from . import (
     _cmd_replay,
     _cmd_stats,
     _cmd_sub,
+    _cmd_topics,
 )
 from ._cmd_common import sigterm_interrupts
 from ._errors import VbusError
@@ -52,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     _cmd_record.register(commands)
     _cmd_replay.register(commands)
     _cmd_info.register(commands)
+    _cmd_topics.register(commands)
     _cmd_keygen.register(commands)
     _cmd_extras.register_bench(commands)
     return parser
