@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -96,17 +99,22 @@ class FramedPublisher:
         self._retain = retain
         self._encoder = _wire.new_encoder()
         self.seq = 0
+        self.sent = 0  # messages handed to the socket, counted once they are
 
     def publish(self, value: Any) -> None:
+        """Send one message whole: a Ctrl-C that comes meanwhile waits until it is sent, so
+        ``sent`` counts exactly what went out."""
         payload = _wire.encode_payload(value, self._encoder)
-        self.seq += 1
-        now = time.time()
-        if self._retain:  # the broker's copy first, as Publisher does
-            copy, _ = _wire.build_frames(self._prefix, _wire.FLAG_RETAINED, self._sender,
-                                         self.seq, now, payload)
-            self._send(_control.RETAIN + copy)
-        frame, _ = _wire.build_frames(self._prefix, 0, self._sender, self.seq, now, payload)
-        self._send(frame)
+        with _signals_deferred():
+            self.seq += 1
+            now = time.time()
+            if self._retain:  # the broker's copy first, as Publisher does
+                copy, _ = _wire.build_frames(self._prefix, _wire.FLAG_RETAINED, self._sender,
+                                             self.seq, now, payload)
+                self._send(_control.RETAIN + copy)
+            frame, _ = _wire.build_frames(self._prefix, 0, self._sender, self.seq, now, payload)
+            self._send(frame)
+            self.sent = self.seq
 
     def _send(self, frame: bytes) -> None:
         wait = _ROOM_WAIT[0]
@@ -117,6 +125,27 @@ class FramedPublisher:
                 return
             time.sleep(wait)  # the queue to the broker is full: wait for room
             wait = min(wait * 2, _ROOM_WAIT[1])
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM that come inside the block take effect at its end."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+
+    def defer(signum: int, frame: Any) -> None:
+        caught.append(signum)
+
+    previous = {sig: signal.signal(sig, defer) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if caught:
+        raise KeyboardInterrupt(signal.Signals(caught[0]).name)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -139,10 +168,14 @@ def run(args: argparse.Namespace) -> int:
     with connect_to(address, args.timeout, args) as bus:
         pub = bus.publisher()
         framed = FramedPublisher(pub, topic, args.retain)
+        interrupted = False
         try:
             _publish(bus, framed, values, args, topic)
-        finally:
-            say(f"vbus pub: published {framed.seq} message(s) on {topic}")
+        except KeyboardInterrupt:
+            interrupted = True
+        say(f"vbus pub: published {framed.sent} message(s) on {topic} at {address}")
+    if interrupted and (args.count or rest[1] == "-"):
+        return 130  # stopped before it was done
     return 0
 
 
