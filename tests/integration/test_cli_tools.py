@@ -325,6 +325,12 @@ def _mistakes(tmp_path: Path) -> list[tuple[list[str], str]]:
          "missing.mcap: No such file or directory"),
         (["replay", str(text), "--to", unreachable], "not an MCAP file"),
         (["replay", str(tmp_path), "--to", unreachable], "Is a directory"),
+        (["info", str(text)], "not an MCAP file"),
+        (["info", str(tmp_path / "missing.mcap")], "No such file or directory"),
+        (["pub", unreachable, "a", "NaN"], "JSON has no NaN"),
+        (["record", unreachable, "**", "-o", str(tmp_path)], "is a directory"),
+        (["hz", unreachable, "a/b*"], "wildcards must be a whole level"),
+        (["topics", unreachable, "--timeout", "0.3"], "no vbus broker answered"),
         (["broker", "--bind", "tcp://127.0.0.1"], "bad address"),
         (["broker", "--bind", "tcp://*:0"], "--insecure"),
     ]
@@ -343,7 +349,8 @@ def test_user_mistakes_are_one_line_and_a_nonzero_exit(tmp_path: Path) -> None:
 def test_usage_errors_and_help_on_every_command() -> None:
     top = run("--help")
     assert top.returncode == 0 and "example:" in top.stdout
-    for command in ("broker", "pub", "sub", "stats", "record", "replay", "demo", "bench"):
+    for command in ("broker", "pub", "sub", "stats", "record", "replay", "info", "topics", "hz",
+                    "keygen", "demo", "bench"):
         done = run(command, "--help")
         assert done.returncode == 0, (command, done.stderr)
         assert "example" in done.stdout and f"vbus {command}" in done.stdout, done.stdout
