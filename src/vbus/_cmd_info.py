@@ -69,12 +69,16 @@ def inspect(path: str) -> dict[str, Any]:
         total = 0
         bad: list[str] = []
         chunks = 0
+        unfinished_at: str | None = None
         for chunk in reader.chunks():
             chunks += 1
-            if chunk.error is not None:
+            if chunk.truncated:
+                chunks -= 1
+                unfinished_at = chunk.error
+            elif chunk.error is not None:
                 bad.append(f"{chunk.describe()}: {chunk.error}")
                 continue
-            for record in chunk.records:
+            for record in chunk.records:  # a truncated end: what could be read of it
                 if isinstance(record, Schema):
                     schemas[record.id] = record.name
                 elif isinstance(record, Channel):
@@ -98,13 +102,15 @@ def inspect(path: str) -> dict[str, Any]:
         metadata = reader.metadata()
         size = reader.size
         damaged = reader.damaged
+        reader_unfinished = reader.summary is None
     recorded = metadata.get(METADATA_NAME, {})
     summary = metadata.get(SUMMARY_NAME)
     per_topic = loss_summary(summary.get("topics")) if summary else {}
     lost = {t: int(v.get("lost", 0)) for t, v in per_topic.items()} if summary else lost_found
     return {
         "file": path, "size": size, "chunks": chunks, "bad_chunks": bad,
-        "unfinished": damaged, "recorded": recorded,
+        "unfinished": unfinished_at or (damaged if reader_unfinished else None),
+        "recorded": recorded,
         "start": first, "end": last, "messages": total,
         "lost": sum(lost.values()),
         "topics": {t: {"messages": counts.get(t, 0), "lost": lost.get(t, 0),
@@ -124,8 +130,8 @@ def run(args: argparse.Namespace) -> int:
     out.write(f"file       {facts['file']} ({human_bytes(facts['size'])}, "
               f"{facts['chunks']} chunk(s), {check})\n")
     if facts["unfinished"]:
-        out.write(f"unfinished no summary at its end ({facts['unfinished']}): the recorder "
-                  "did not finish; what could be read is shown\n")
+        out.write(f"unfinished the recorder did not finish ({facts['unfinished']}); what "
+                  "could be read is shown\n")
     recorded = facts["recorded"]
     if recorded:
         what = f"{recorded.get('address', '?')}, pattern {recorded.get('pattern', '?')}"

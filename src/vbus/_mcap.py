@@ -619,6 +619,7 @@ class Chunk:
     end: int
     records: list[Any] = field(default_factory=list)
     error: str | None = None
+    truncated: bool = False  # the file breaks off here: an unfinished recording's end
 
     def describe(self) -> str:
         where = f" at byte {self.offset}" if self.offset is not None else ""
@@ -768,7 +769,7 @@ class RecordingReader:
             number += 1
             yield Chunk(number, None, 0, 0, loose,
                         f"the file breaks off here ({_describe(exc)}); nothing after it "
-                        "can be read")
+                        "can be read", truncated=True)
             return
         if loose:
             yield Chunk(number + 1, None, 0, 0, loose)
@@ -778,6 +779,10 @@ class RecordingReader:
         bad, total = [], 0
         for chunk in self.chunks():
             total += 1
+            if chunk.truncated:
+                log.warning("%s ends early (%s): the recording was not finished; what "
+                            "precedes is read", self.path, chunk.error)
+                continue
             if chunk.error is not None:
                 chunk.records = []
                 bad.append(chunk)
@@ -798,8 +803,8 @@ class RecordingReader:
         index = 0
         for chunk in self.chunks():
             if chunk.error is not None:
-                if skip_bad:
-                    continue
+                if skip_bad or chunk.truncated:
+                    continue  # the end of an unfinished recording: said by bad_chunks
                 raise RecordingError(f"{self.path}: {chunk.describe()} is damaged "
                                      f"({chunk.error})")
             for record in chunk.records:

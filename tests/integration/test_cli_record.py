@@ -525,3 +525,35 @@ def test_replay_checks_every_crc_names_the_bad_chunk_and_sends_nothing(
         again = _receive(sub, kept)
     expected = live[:per_chunk[0]] + live[per_chunk[0] + per_chunk[1]:]
     assert [_key(m) for m in again] == [_key(m) for m in expected]
+
+
+def test_a_killed_recorders_file_is_shown_and_replayed_up_to_where_it_breaks_off(
+    leakcheck: Any, procs: list[Proc], broker: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "killed.mcap"
+    rng = np.random.default_rng(3)
+    rec = start(procs, "record", broker, "kill/**", "-o", str(path))
+    rec.wait_for("vbus record: recording")
+    with vbus.connect(broker, timeout=5.0) as bus, bus.subscribe("kill/**") as wire:
+        pub = bus.publisher()
+        for _ in range(300):  # about 3 MB of JSON: the first chunks are written
+            pub.publish("kill/frame", rng.integers(0, 65535, (64, 64), dtype="<u2"))
+        _receive(wire, 300)
+        partial = tmp_path / "killed.mcap.part"
+        deadline = time.monotonic() + WAIT
+        while partial.stat().st_size < 2 * 1024 * 1024:  # written as chunks fill up
+            assert time.monotonic() < deadline, "the recorder wrote no chunks"
+            pub.publish("kill/frame", rng.integers(0, 65535, (64, 64), dtype="<u2"))
+            wire.recv(timeout=WAIT)
+        rec.popen.kill()
+        rec.finish()
+        info = run("info", str(partial))
+        assert info.returncode == 0, info.stdout
+        assert "unfinished the recorder did not finish" in info.stdout
+        count = int(re.search(r"^messages\s+([\d,]+)$", info.stdout, re.M)[1].replace(",", ""))
+        assert count > 0
+        done = run("replay", str(partial), "--to", broker, "--speed", "0")
+        assert done.returncode == 0, done.stderr
+        assert "ends early" in done.stderr and f"{count} message(s)" in done.stderr
+        seqs = [wire.recv(timeout=WAIT).seq for _ in range(count)]
+    assert seqs == list(range(1, count + 1))
