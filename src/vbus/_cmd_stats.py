@@ -100,6 +100,7 @@ def table(stats: BrokerStats, address: str, *, stale: float = 0.0) -> Renderable
     topics.add_column("topic")
     for column in ("messages", "bytes", "msg/s", "bytes/s"):
         topics.add_column(column, justify="right")
+    topics.caption = "(per topic: the publishers' own counts)"
     ordered = sorted(stats.topics.items(), key=lambda kv: (-kv[1].message_rate, kv[0]))
     for topic, t in ordered:
         topics.add_row(topic, f"{t.messages:,}", human_bytes(t.bytes),
@@ -173,7 +174,12 @@ def _run_rich(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.live import Live
 
-    console = Console()
+    class _Console(Console):
+        def on_broken_pipe(self) -> None:
+            self.quiet = True
+            raise BrokenPipeError  # stats --watch | head: exit 0, like vbus sub
+
+    console = _Console()
     with connect_to(args.address, args.timeout, args) as bus, bus.subscribe(STATS_TOPIC) as sub:
         try:
             stats = _first_stats(sub, args)

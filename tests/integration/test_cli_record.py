@@ -557,3 +557,36 @@ def test_a_killed_recorders_file_is_shown_and_replayed_up_to_where_it_breaks_off
         assert "ends early" in done.stderr and f"{count} message(s)" in done.stderr
         seqs = [wire.recv(timeout=WAIT).seq for _ in range(count)]
     assert seqs == list(range(1, count + 1))
+
+
+def test_replay_loop_plays_again_until_ctrl_c(
+    leakcheck: Any, procs: list[Proc], broker: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "loop.mcap"
+    _timed_recording(path, [0.0, 0.01])
+    with vbus.connect(broker, timeout=5.0) as bus, bus.subscribe("timed/x") as sub:
+        replay = start(procs, "replay", str(path), "--to", broker, "--loop", "--speed", "0")
+        got = [sub.recv(timeout=WAIT).data for _ in range(6)]
+        replay.popen.send_signal(signal.SIGINT)
+        assert replay.finish() == 0
+    assert got == [0, 1, 0, 1, 0, 1]
+
+
+def test_record_exclude_leaves_topics_out(
+    leakcheck: Any, procs: list[Proc], broker: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "exclude.mcap"
+    rec = start(procs, "record", broker, "ex/**", "-o", str(path), "--count", "2",
+                "--exclude", "ex/skip/**")
+    rec.wait_for("vbus record: recording")
+    with vbus.connect(broker, timeout=5.0) as bus:
+        pub = bus.publisher()
+        pub.publish("ex/skip/a", 1)
+        pub.publish("ex/keep", 2)
+        pub.publish("ex/skip/b", 3)
+        pub.publish("ex/keep", 4)
+        assert rec.finish() == 0
+    _, rows, meta = _read(path)
+    assert [(c.topic, json.loads(m.data)["value"]) for _, c, m in rows] == [
+        ("ex/keep", 2), ("ex/keep", 4)]
+    assert meta["vbus"]["exclude"] == "ex/skip/**"

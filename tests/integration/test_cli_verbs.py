@@ -199,3 +199,25 @@ def test_new_mistakes_are_one_clear_line(tmp_path: Any) -> None:
     assert "non_negative_int" not in bad.stderr
     line = one_error_line(run("pub", "a", "b", "c", "d"), "pub")
     assert "expected [ADDRESS] TOPIC VALUE" in line
+
+
+@pytest.mark.parametrize("command", [["stats", "--watch"], ["sub", "**"]])
+def test_a_reader_that_goes_away_ends_it_with_exit_0(broker: str, command: list[str]) -> None:
+    """`vbus stats --watch | head -1`: the pipe closes, the command exits 0, silently."""
+    p = subprocess.Popen([*VBUS, command[0], broker, *command[1:]], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        if command[0] == "sub":
+            assert p.stderr is not None and "subscribed" in p.stderr.readline()
+            feeder = subprocess.Popen([*VBUS, "pub", broker, "pipe/x", "1", "--count", "0",
+                                       "--rate", "20"], stderr=subprocess.DEVNULL, env=ENV)
+        assert p.stdout is not None and p.stdout.readline()
+        p.stdout.close()  # the reader goes away
+        assert p.wait(timeout=WAIT) == 0
+        assert p.stderr is not None and "Traceback" not in p.stderr.read()
+    finally:
+        if command[0] == "sub":
+            feeder.kill()
+            feeder.wait(timeout=WAIT)
+        p.kill()
+        p.wait(timeout=WAIT)
