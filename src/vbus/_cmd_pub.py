@@ -100,6 +100,7 @@ class FramedPublisher:
         self._encoder = _wire.new_encoder()
         self.seq = 0
         self.sent = 0  # messages handed to the socket, counted once they are
+        self.retained_copy: bytes | None = None  # the last copy sent to the broker's store
 
     def publish(self, value: Any) -> None:
         """Send one message whole: a Ctrl-C that comes meanwhile waits until it is sent, so
@@ -108,10 +109,11 @@ class FramedPublisher:
         with _signals_deferred():
             self.seq += 1
             now = time.time()
-            if self._retain:  # the broker's copy first, as Publisher does
-                copy, _ = _wire.build_frames(self._prefix, _wire.FLAG_RETAINED, self._sender,
-                                             self.seq, now, payload)
-                self._send(_control.RETAIN + copy)
+            if self._retain:  # the broker's copy first, as Publisher does (not counted as
+                copy, _ = _wire.build_frames(self._prefix, _wire.FLAG_RETAINED,  # published)
+                                             self._sender, self.seq, now, payload)
+                self.retained_copy = _control.RETAIN + copy
+                self._pub._send_control(self.retained_copy)
             frame, _ = _wire.build_frames(self._prefix, 0, self._sender, self.seq, now, payload)
             self._send(frame)
             self.sent = self.seq
@@ -209,6 +211,8 @@ def _publish(bus: Bus, framed: FramedPublisher, values: Iterator[Any],
             time.sleep(max(start + n * period - time.monotonic(), 0.0))
         if pending is _END:
             _publish_confirmed(bus, framed, topic, value, timeout=args.timeout)
+            if framed.retained_copy is not None:
+                _confirm_retained(bus, framed, topic, args.timeout)
             return
         framed.publish(value)
         n += 1
@@ -234,6 +238,26 @@ def _publish_confirmed(bus: Bus, framed: FramedPublisher, topic: str, value: Any
                 ) from None
             if msg.sender == framed._pub.id and msg.seq == seq and not msg.retained:
                 return
+
+
+def _confirm_retained(bus: Bus, framed: FramedPublisher, topic: str, timeout: float) -> None:
+    """The broker keeps our last value: a new subscriber gets it first. The copy is sent
+    again if the queue to the broker had no room for it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with bus.subscribe(topic) as check:
+            try:
+                while True:
+                    msg = check.recv(timeout=0)
+                    if msg.retained and msg.sender == framed._pub.id and msg.seq == framed.seq:
+                        return
+            except TimeoutError:
+                pass
+        if time.monotonic() > deadline:
+            raise UserError(f"the broker did not keep {topic}'s retained value within "
+                            f"{timeout:g} s")
+        assert framed.retained_copy is not None
+        framed._pub._send_control(framed.retained_copy)
 
 
 def _confirm_cleared(bus: Bus, topic: str, timeout: float) -> None:
