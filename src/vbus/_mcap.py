@@ -212,6 +212,7 @@ _DECODERS: dict[str, msgspec.json.Decoder[Any]] = {
 _FOXGLOVE = {("u", 1, 1): "mono8", ("u", 1, 3): "rgb8", ("u", 1, 4): "rgba8",
              ("u", 2, 1): "mono16", ("f", 4, 1): "32FC1"}
 _CV = {"u": "U", "i": "S", "f": "F"}
+_CV_DEPTHS = {("u", 1), ("i", 1), ("u", 2), ("i", 2), ("i", 4), ("f", 4), ("f", 8)}
 
 
 def image_encoding(dtype: Any, shape: tuple[int, ...]) -> str | None:
@@ -221,8 +222,8 @@ def image_encoding(dtype: Any, shape: tuple[int, ...]) -> str | None:
     if dtype.itemsize > 1 and dtype.byteorder not in ("<", "=" if sys.byteorder == "little"
                                                       else "<"):
         return None
-    if dtype.kind == "f" and dtype.itemsize not in (4, 8):
-        return None  # half floats: no OpenCV name
+    if (dtype.kind, dtype.itemsize) not in _CV_DEPTHS:
+        return None  # OpenCV has no such depth (u4, i8, u8, f2)
     channels = shape[2] if len(shape) == 3 else 1
     if not 1 <= channels <= 4:
         return None
