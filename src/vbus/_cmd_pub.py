@@ -113,10 +113,20 @@ class FramedPublisher:
                 copy, _ = _wire.build_frames(self._prefix, _wire.FLAG_RETAINED,  # published)
                                              self._sender, self.seq, now, payload)
                 self.retained_copy = _control.RETAIN + copy
-                self._pub._send_control(self.retained_copy)
+                self.send_copy()
             frame, _ = _wire.build_frames(self._prefix, 0, self._sender, self.seq, now, payload)
             self._send(frame)
             self.sent = self.seq
+
+    def send_copy(self) -> None:
+        """The broker's copy of a retained value: a control message (the publisher does not
+        count it as published, so the stats show no $vbus/retain/... topic)."""
+        assert self.retained_copy is not None
+        send_control = getattr(self._pub, "_send_control", None)
+        if send_control is not None:
+            send_control(self.retained_copy)
+        else:  # a core without it: send it as a ready-made message
+            self._pub._publish_frames(self.retained_copy, None)
 
     def _send(self, frame: bytes) -> None:
         wait = _ROOM_WAIT[0]
@@ -256,8 +266,7 @@ def _confirm_retained(bus: Bus, framed: FramedPublisher, topic: str, timeout: fl
         if time.monotonic() > deadline:
             raise UserError(f"the broker did not keep {topic}'s retained value within "
                             f"{timeout:g} s")
-        assert framed.retained_copy is not None
-        framed._pub._send_control(framed.retained_copy)
+        framed.send_copy()
 
 
 def _confirm_cleared(bus: Bus, topic: str, timeout: float) -> None:
