@@ -95,7 +95,7 @@ class LossCounter:
     counts match the gaps in the file even when Ctrl-C falls in between."""
 
     def __init__(self, writer: Any, excluded: list[Any] | None = None) -> None:
-        self._writer = writer
+        self.writer = writer  # set once the recording has begun
         self._excluded = excluded or []
         self._pending: list[tuple[str, str, int]] = []
         self._last: dict[tuple[str, str], int] = {}  # last seq recorded per (sender, topic)
@@ -114,8 +114,8 @@ class LossCounter:
             for t, sender, lost in self._pending:
                 self.lost[t] = self.lost.get(t, 0) + lost
                 self.total_lost += lost
-                if self._writer is not None:
-                    self._writer.add_loss(t, sender, lost, self._last.get((sender, t)))
+                if self.writer is not None:
+                    self.writer.add_loss(t, sender, lost, self._last.get((sender, t)))
             self._pending.clear()
         if not msg.retained:
             self._last[(msg.sender, topic)] = msg.seq
@@ -167,7 +167,7 @@ def run_record(args: argparse.Namespace) -> int:
         ) as sub:
             writer = RecordingWriter(stream, {"address": address, "pattern": pattern,
                                               "exclude": " ".join(p.text for p in excluded)})
-            losses._writer = writer
+            losses.writer = writer
             began = time.monotonic()
             try:
                 _record(sub, writer, losses, excluded, args)

@@ -87,7 +87,7 @@ def table(stats: BrokerStats, address: str, *, stale: float = 0.0) -> Renderable
     if stale:
         title += f"  (no statistics for {stale:.0f} s)"
     totals = Table(title=title, show_header=True, title_justify="left")
-    for column in ("in", "out", "subscribers", "publishers", "dropped"):
+    for column in ("in (ZeroMQ)", "out (ZeroMQ)", "subscribers", "publishers", "dropped"):
         totals.add_column(column, justify="right")
     totals.add_row(
         f"{stats.messages_in:,} msg / {human_bytes(stats.bytes_in)}",
@@ -119,8 +119,8 @@ def plain_table(stats: BrokerStats, address: str, *, stale: float = 0.0) -> str:
     lines = [f"vbus broker {stats.broker} at {address}, up {human_duration(stats.uptime)}"
              + (f"  (no statistics for {stale:.0f} s)" if stale else "")]
     publishers = "-" if stats.publishers is None else str(stats.publishers)
-    lines.append(f"in {stats.messages_in:,} msg / {human_bytes(stats.bytes_in)}   "
-                 f"out {stats.messages_out:,} msg / {human_bytes(stats.bytes_out)}   "
+    lines.append(f"in (ZeroMQ) {stats.messages_in:,} msg / {human_bytes(stats.bytes_in)}   "
+                 f"out (ZeroMQ) {stats.messages_out:,} msg / {human_bytes(stats.bytes_out)}   "
                  f"subscribers {stats.subscribers}   publishers {publishers}   "
                  f"dropped {stats.dropped}")
     ordered = sorted(stats.topics.items(), key=lambda kv: (-kv[1].message_rate, kv[0]))
