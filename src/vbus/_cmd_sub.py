@@ -7,6 +7,7 @@ import contextlib
 import json
 import queue
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -27,7 +28,11 @@ from ._cmd_render import human_line, json_line, jsonable
 from ._message import Message
 from ._topics import compile_pattern
 
+STATS_TOPIC = "$vbus/stats"
+
 _LOSS_NOTE_EVERY = 1.0  # seconds between running loss counts on stderr
+_SILENT_AFTER = 3.5  # the broker publishes $vbus/stats once a second
+_TICK = 0.5  # how often an idle sub looks at the link
 _MERGE_QUEUE = 10_000  # messages of several patterns waiting for stdout
 
 
@@ -81,6 +86,46 @@ def register(commands: Any) -> None:
     p.set_defaults(run=run)
 
 
+class LinkWatch:
+    """Says on stderr when the broker falls silent (no $vbus/stats for a few seconds: it
+    stopped, or the network went) and when it is heard again (restarted, if its id or
+    uptime says so). The client reconnects by itself; this only tells the user."""
+
+    def __init__(self, address: str) -> None:
+        self._address = address
+        self._lock = threading.Lock()
+        self._heard = time.monotonic()
+        self._broker: Any = None
+        self._uptime = 0.0
+        self._silent = False
+
+    def heard(self, msg: Message) -> None:  # on a callback thread of the bus
+        data = msg.data if isinstance(msg.data, dict) else {}
+        broker, uptime = data.get("broker"), data.get("uptime")
+        with self._lock:
+            restarted = self._broker is not None and (
+                broker != self._broker or (isinstance(uptime, (int, float))
+                                           and uptime < self._uptime))
+            was_silent, self._silent = self._silent, False
+            self._heard = time.monotonic()
+            self._broker = broker
+            if isinstance(uptime, (int, float)):
+                self._uptime = float(uptime)
+        if was_silent or restarted:
+            what = "restarted, " if restarted else ""
+            say(f"vbus sub: the broker at {self._address} answers again ({what}"
+                "subscriptions renewed); messages meanwhile are lost")
+
+    def check(self) -> None:
+        with self._lock:
+            quiet = time.monotonic() - self._heard
+            if self._silent or quiet < _SILENT_AFTER:
+                return
+            self._silent = True
+        say(f"vbus sub: no word from the broker at {self._address} for {quiet:.0f} s "
+            "(stopped, or the connection is down); waiting for it")
+
+
 def data_line(msg: Message) -> str:
     return json.dumps(jsonable(msg.data), separators=(",", ":"), allow_nan=False)
 
@@ -98,6 +143,8 @@ def run(args: argparse.Namespace) -> int:
     with connect_to(address, args.timeout, args) as bus, _messages(
         bus, patterns, args.hwm, losses
     ) as recv:
+        link = LinkWatch(address)
+        bus.on(STATS_TOPIC, link.heard)
         end = None if args.duration is None else time.monotonic() + args.duration
         noted, next_note = 0, 0.0
         try:
@@ -108,10 +155,8 @@ def run(args: argparse.Namespace) -> int:
                     msg = recv(0)
                 except TimeoutError:
                     out.flush()  # flush when the queue is empty, not after every line
-                    remaining = None if end is None else max(end - time.monotonic(), 0.0)
-                    try:
-                        msg = recv(remaining)
-                    except TimeoutError:
+                    msg = _wait(recv, end, link)
+                    if msg is _DONE:
                         break
                 if msg is None:
                     continue  # a duplicate (it matched two patterns)
@@ -131,6 +176,23 @@ def run(args: argparse.Namespace) -> int:
     if count and n < count and not interrupted:
         raise UserError(f"received {n} of {count} message(s) within {args.duration:g} s")
     return 1 if losses.total_lost else 0
+
+
+_DONE: Any = object()
+
+
+def _wait(recv: Any, end: float | None, link: LinkWatch) -> Any:
+    """The next message (None for a duplicate), or _DONE once ``end`` has passed; the link
+    is looked at every _TICK meanwhile."""
+    while True:
+        link.check()
+        remaining = None if end is None else end - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            return _DONE
+        try:
+            return recv(_TICK if remaining is None else min(_TICK, remaining))
+        except TimeoutError:
+            continue
 
 
 @contextlib.contextmanager

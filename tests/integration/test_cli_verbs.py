@@ -221,3 +221,45 @@ def test_a_reader_that_goes_away_ends_it_with_exit_0(broker: str, command: list[
             feeder.wait(timeout=WAIT)
         p.kill()
         p.wait(timeout=WAIT)
+
+
+def _free_port_pair() -> int:
+    """A port whose successor is free too (a tcp broker uses PORT and PORT+1)."""
+    import random
+    import socket
+
+    for _ in range(100):
+        port = random.randint(20_000, 60_000)
+        with socket.socket() as a, socket.socket() as b:
+            try:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no free port pair")
+
+
+def test_sub_says_when_the_broker_goes_and_comes_back(procs: list[Proc]) -> None:
+    port = _free_port_pair()
+    first = start(procs, "broker", "--bind", f"tcp://127.0.0.1:{port}")
+    address = first.line("out")
+    sub = start(procs, "sub", address, "rs/x")
+    sub.wait_for(f"subscribed to rs/x at {address}")
+    first.popen.send_signal(signal.SIGTERM)
+    assert first.finish() == 0
+    assert "no word from the broker" in sub.wait_for("no word", timeout=WAIT)
+    again = start(procs, "broker", "--bind", address)
+    assert again.line("out") == address
+    sub.wait_for("answers again", timeout=WAIT)
+    deadline = time.monotonic() + WAIT
+    while True:  # and its messages flow again (the subscription is renewed by itself)
+        assert time.monotonic() < deadline, "no message after the broker came back"
+        assert run("pub", address, "rs/x", "7").returncode == 0
+        try:
+            if sub.line("out", timeout=1.0).endswith("rs/x  7"):
+                break
+        except AssertionError:
+            continue
+    sub.popen.send_signal(signal.SIGINT)
+    assert sub.finish() == 0
