@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import signal
 import sys
@@ -101,12 +100,14 @@ class FramedPublisher:
         self.seq = 0
         self.sent = 0  # messages handed to the socket, counted once they are
         self.retained_copy: bytes | None = None  # the last copy sent to the broker's store
+        self.deferral = SignalDeferral()  # installed by run() around the publishing
 
     def publish(self, value: Any) -> None:
         """Send one message whole: a Ctrl-C that comes meanwhile waits until it is sent, so
         ``sent`` counts exactly what went out."""
         payload = _wire.encode_payload(value, self._encoder)
-        with _signals_deferred():
+        self.deferral.inside = True
+        try:
             self.seq += 1
             now = time.time()
             if self._retain:  # the broker's copy first, as Publisher does (not counted as
@@ -117,6 +118,9 @@ class FramedPublisher:
             frame, _ = _wire.build_frames(self._prefix, 0, self._sender, self.seq, now, payload)
             self._send(frame)
             self.sent = self.seq
+        finally:
+            self.deferral.inside = False
+        self.deferral.check()
 
     def send_copy(self) -> None:
         """The broker's copy of a retained value: a control message (the publisher does not
@@ -139,25 +143,36 @@ class FramedPublisher:
             wait = min(wait * 2, _ROOM_WAIT[1])
 
 
-@contextlib.contextmanager
-def _signals_deferred() -> Iterator[None]:
-    """SIGINT and SIGTERM that come inside the block take effect at its end."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught: list[int] = []
+class SignalDeferral:
+    """While installed (``with``), SIGINT and SIGTERM that come while ``inside`` is set take
+    effect once it is cleared (``check()``); at other times they interrupt at once."""
 
-    def defer(signum: int, frame: Any) -> None:
-        caught.append(signum)
+    def __init__(self) -> None:
+        self.inside = False
+        self._caught: list[int] = []
+        self._previous: dict[int, Any] = {}
 
-    previous = {sig: signal.signal(sig, defer) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.inside:
+            self._caught.append(signum)
+        else:
+            raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    def check(self) -> None:
+        if self._caught:
+            signum = self._caught[0]
+            self._caught.clear()
+            raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    def __enter__(self) -> SignalDeferral:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._handle)
+                              for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-    if caught:
-        raise KeyboardInterrupt(signal.Signals(caught[0]).name)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -182,7 +197,8 @@ def run(args: argparse.Namespace) -> int:
         framed = FramedPublisher(pub, topic, args.retain)
         interrupted = False
         try:
-            _publish(bus, framed, values, args, topic)
+            with framed.deferral:
+                _publish(bus, framed, values, args, topic)
         except KeyboardInterrupt:
             interrupted = True
         say(f"vbus pub: published {framed.sent} message(s) on {topic} at {address}")
