@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import os
+import threading
 import time
 from typing import Any
 
@@ -98,6 +99,7 @@ class LossCounter:
         self.writer = writer  # set once the recording has begun
         self._excluded = excluded or []
         self._pending: list[tuple[str, str, int]] = []
+        self._lock = threading.Lock()
         self._last: dict[tuple[str, str], int] = {}  # last seq recorded per (sender, topic)
         self.lost: dict[str, int] = {}
         self.received: dict[str, int] = {}
@@ -106,17 +108,19 @@ class LossCounter:
     def found(self, topic: str, sender: str, lost: int) -> None:
         if self._excluded and any(p.match(topic) for p in self._excluded):
             return  # not recorded: neither its messages nor its losses
-        self._pending.append((topic, sender, lost))
+        with self._lock:  # the hook runs in the receiving thread today; any thread is safe
+            self._pending.append((topic, sender, lost))
 
     def recorded(self, msg: Message) -> None:
         topic = msg.topic
         if self._pending:
-            for t, sender, lost in self._pending:
+            with self._lock:
+                pending, self._pending = self._pending, []
+            for t, sender, lost in pending:
                 self.lost[t] = self.lost.get(t, 0) + lost
                 self.total_lost += lost
                 if self.writer is not None:
                     self.writer.add_loss(t, sender, lost, self._last.get((sender, t)))
-            self._pending.clear()
         if not msg.retained:
             self._last[(msg.sender, topic)] = msg.seq
         self.received[topic] = self.received.get(topic, 0) + 1
