@@ -36,9 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="vbus: a message bus for Python programs, on ZeroMQ.",
         epilog=(
             "Run 'vbus COMMAND --help' for the options and an example of each command.\n\n"
-            "example: vbus broker --bind tcp://127.0.0.1:5555 &\n"
-            "         vbus sub tcp://127.0.0.1:5555 'stage/*' &\n"
-            "         vbus pub tcp://127.0.0.1:5555 stage/x 1.25"
+            "ADDRESS may be left out: then $VBUS_ADDRESS, else tcp://127.0.0.1:5555 (where\n"
+            "'vbus broker' binds by default).\n\n"
+            "example: vbus broker &\n"
+            "         vbus sub 'stage/*' &\n"
+            "         vbus pub stage/x 1.25\n"
+            "         vbus record '**' -o run1.mcap --duration 10 && vbus info run1.mcap"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
