@@ -67,6 +67,8 @@ def run_replay(args: argparse.Namespace) -> int:
     need_mcap("replay")
     from ._mcap import RecordingReader
 
+    args.address = normalize_address(args.address)
+
     only = compile_pattern(args.topics) if args.topics else None
     with RecordingReader(args.file) as reader:
         bad, total = reader.bad_chunks()  # every CRC, before anything is sent

@@ -23,6 +23,7 @@ from ._cmd_common import (
 from ._topics import compile_pattern
 
 STATS_TOPIC = "$vbus/stats"
+_STATS_PERIOD = 1.0
 
 
 def register(commands: Any) -> None:
@@ -122,7 +123,8 @@ def run_topics(args: argparse.Namespace) -> int:
                 pass
             elapsed = max(time.monotonic() - began, 1e-9)
         try:
-            latest = stats.recv(timeout=0)
+            # the broker publishes them once a second: a short listen may need to wait
+            latest = stats.recv(timeout=max(_STATS_PERIOD * 1.5 - elapsed, 0.0))
             while True:
                 try:
                     latest = stats.recv(timeout=0)

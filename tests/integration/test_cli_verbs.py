@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from test_cli_record import _timed_recording
 from test_cli_tools import ENV, VBUS, WAIT, Proc, one_error_line, run, start
 
 import vbus
@@ -45,7 +46,7 @@ def test_version() -> None:
 
 
 def test_address_defaults_to_vbus_address_and_host_port_means_tcp(
-    leakcheck: Any, broker: str
+    leakcheck: Any, broker: str, tmp_path: Any
 ) -> None:
     env = {**ENV, "VBUS_ADDRESS": broker}
     host_port = broker.removeprefix("tcp://")
@@ -59,6 +60,16 @@ def test_address_defaults_to_vbus_address_and_host_port_means_tcp(
             ("dflt/x", 1), ("dflt/y", 2)]
     stats = run_env("stats", env=env)
     assert stats.returncode == 0 and f"at {broker}" in stats.stdout, stats.stderr
+    topics = run_env("topics", "--duration", "0.1", "--json", env=env)  # a stats wait, too
+    assert topics.returncode == 0, topics.stderr
+    assert json.loads(topics.stdout)["topics"]["dflt/x"]["messages_claimed"] == 1
+    path = tmp_path / "dflt.mcap"
+    rec = run_env("record", "dflt/*", "-o", str(path), "--duration", "0.2", "--quiet", env=env)
+    assert rec.returncode == 0 and path.exists(), rec.stderr
+    timed = tmp_path / "timed.mcap"
+    _timed_recording(timed, [0.0])
+    replay = run_env("replay", str(timed), "--speed", "0", env=env)  # no --to
+    assert replay.returncode == 0 and f"to {broker}" in replay.stderr, replay.stderr
     # without $VBUS_ADDRESS: tcp://127.0.0.1:5555, named in what it says
     bare = {k: v for k, v in ENV.items() if k != "VBUS_ADDRESS"}
     done = run_env("pub", "dflt/x", "1", "--timeout", "0.5", env=bare)
