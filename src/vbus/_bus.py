@@ -231,8 +231,7 @@ class _Core:
         return self.adopt(cls(sock, self.new_outbox(), owner=self, linger=linger))
 
     def subscribe(self, cls: type[S], pattern: str, type: Any, hwm: int | None,
-                  on_loss: LossHook | None, max_queue_bytes: int | None,
-                  keep_frames: bool = False) -> S:
+                  on_loss: LossHook | None, max_queue_bytes: int | None) -> S:
         compiled = compile_pattern(pattern)
         if hwm is not None and hwm < 1:
             raise ValueError(f"hwm must be at least 1, not {hwm}")
@@ -243,7 +242,7 @@ class _Core:
         sock, inbox = connect_subscriber(
             self.context, self.endpoints.subscribe, compiled, timeout=self.timeout,
             hwm=queue, type=type, max_assembly_bytes=budget or DEFAULT_MAX_QUEUE_BYTES,
-            configure=self.configure, keep_frames=keep_frames,
+            configure=self.configure,
         )
         try:
             sub: S = cls(sock, inbox, on_loss=on_loss, owner=self)
@@ -525,12 +524,6 @@ class Bus:
         The options are those of ``subscribe``."""
         return self._core.subscribe(AsyncSubscriber, pattern, type, hwm, on_loss,
                                     max_queue_bytes)
-
-    def _subscribe_recorder(self, pattern: str) -> Subscriber:
-        """A subscriber that also gives the frames each message came in (``_recv_frames``),
-        for recording."""
-        return self._core.subscribe(Subscriber, pattern, None, None, None, None,
-                                    keep_frames=True)
 
     @overload
     def on(self, pattern: str, *, type: Any = None, hwm: int | None = None,

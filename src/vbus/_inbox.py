@@ -53,7 +53,6 @@ class Inbox:
         max_streams: int = MAX_STREAMS,
         max_assembly_bytes: int = DEFAULT_MAX_QUEUE_BYTES,
         clock: Callable[[], float] | None = None,
-        keep_frames: bool = False,
     ) -> None:
         self.pattern = pattern
         self._match = pattern.matches
@@ -78,11 +77,6 @@ class Inbox:
         self.errors = 0
         self.invalid = 0
         self.duplicates = 0
-        # With keep_frames, the frames each message came in (None for all but the first of a
-        # batch, and for reassembled chunks), for recording: one entry per message.
-        self.frames: deque[tuple[bytes, list[memoryview]] | None] | None = (
-            deque() if keep_frames else None
-        )
         self.loss_log = BurstLog(log, f"subscriber {pattern.text!r} lost messages")
         self.error_log = BurstLog(log, f"subscriber {pattern.text!r} skipped a message")
         if clock is not None:
@@ -170,11 +164,10 @@ class Inbox:
         external_buffers: Any = None
         if rest:
             external_buffers = rest[0] if len(rest) == 1 else list(rest)
-        self._deliver(env, sender, memoryview(first)[env.offset :], external_buffers,
-                      (first, rest))
+        self._deliver(env, sender, memoryview(first)[env.offset :], external_buffers)
 
-    def _deliver(self, env: _wire.Envelope, sender: str, inline: memoryview, external: Any,
-                 raw: tuple[bytes, list[memoryview]] | None) -> None:
+    def _deliver(self, env: _wire.Envelope, sender: str, inline: memoryview,
+                 external: Any) -> None:
         try:
             data = _wire.decode_payload(env.kind, inline, external, self._decoder)
             if self._type is not None and env.kind not in (_wire.KIND_MSGPACK, _wire.KIND_TREE):
@@ -184,8 +177,6 @@ class Inbox:
             self.error_log.event(1, f"{env.topic!r} from {sender}: {exc}")
             return
         self.received += 1
-        if self.frames is not None:
-            self.frames.append(raw)
         self.messages.append(Message(env.topic, data, sender, env.seq, env.time,
                                      bool(env.flags & _wire.FLAG_RETAINED)))
 
@@ -246,9 +237,6 @@ class Inbox:
             if data is not _UNDECODABLE
         ]
         self.received += len(messages)
-        if self.frames is not None and messages:
-            self.frames.append((first, []))
-            self.frames.extend([None] * (len(messages) - 1))
         self.messages.extend(messages)
 
     def _entries_one_by_one(
@@ -309,15 +297,7 @@ class Inbox:
             return
         whole = _wire.Envelope(assembly.topic, assembly.flags, assembly.kind, env.sender,
                                assembly.seq, assembly.time, 0)
-        externals = assembly.externals()
-        raw = None
-        if self.frames is not None:  # recording: the frames as if it had come whole
-            buffers = externals if isinstance(externals, list) else [externals]
-            first_whole, _ = _wire.build_frames(
-                first[: first.index(b"\0") + 1], assembly.flags, env.sender, assembly.seq,
-                assembly.time, _wire.Payload(assembly.kind, assembly.inline, externals))
-            raw = (first_whole, buffers)
-        self._deliver(whole, sender, memoryview(assembly.inline), externals, raw)
+        self._deliver(whole, sender, memoryview(assembly.inline), assembly.externals())
 
     def _abandon(self, sender_id: bytes) -> None:
         # An assembly ends when anything else comes from its sender: its pieces come back to

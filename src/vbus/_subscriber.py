@@ -100,7 +100,6 @@ def connect_subscriber(
     type: Any = None,
     max_assembly_bytes: int,
     configure: Callable[[zmq.Socket[bytes]], None] | None = None,
-    keep_frames: bool = False,
 ) -> tuple[zmq.Socket[bytes], Inbox]:
     """A SUB socket whose subscription the broker has confirmed active, and its inbox.
 
@@ -118,8 +117,7 @@ def connect_subscriber(
             configure(sock)
         token = secrets.token_hex(8).encode()
         ready = _control.READY + token + b"\0"
-        inbox = Inbox(pattern, ready, type, max_assembly_bytes=max_assembly_bytes,
-                      keep_frames=keep_frames)
+        inbox = Inbox(pattern, ready, type, max_assembly_bytes=max_assembly_bytes)
         for prefix in pattern.prefixes:
             sock.subscribe(prefix)
         want = _control.want_subscription(token, pattern.text)
@@ -167,8 +165,6 @@ class Subscriber:
         self._state = _State.OPEN
         self._receiver: int | None = None  # ident of the thread inside recv()
         self._closed_event = threading.Event()
-        self._frames = inbox.frames  # None unless kept for recording
-        self._last_frames: tuple[bytes, list[memoryview]] | None = None
         self._waker = Waker()
         self._poller = zmq.Poller()
         self._poller.register(sock, zmq.POLLIN)
@@ -208,8 +204,6 @@ class Subscriber:
             if self._state is not _State.OPEN:
                 raise Closed(f"subscriber {self._pattern.text!r} was closed")
             if messages:
-                if self._frames is not None:
-                    self._last_frames = self._frames.popleft()
                 return messages.popleft()
             inbox, sock = self._inbox, self._sock
             moved = 0
@@ -246,7 +240,7 @@ class Subscriber:
     # -- the sync shell ---------------------------------------------------------------------
     def recv(self, timeout: float | None = None) -> Message:
         """The next message. TimeoutError after ``timeout`` s; Closed once closed."""
-        if self._messages and self._state is _State.OPEN and self._frames is None:
+        if self._messages and self._state is _State.OPEN:
             try:
                 return self._messages.popleft()  # the fast path of a flood
             except IndexError:
@@ -263,22 +257,6 @@ class Subscriber:
                 self._wait(deadline)
         finally:
             self._release()
-
-    def _recv_frames(
-        self, timeout: float | None = None
-    ) -> tuple[Message, tuple[bytes, bytes | None] | None]:
-        """Like recv(), plus the frames the message came in, as published (frame 1 and the
-        external frame or None), for recording; None instead when they came with the message
-        before (a batch carries several) or it was reassembled from chunks. Only for a
-        subscriber made to keep its frames (Bus._subscribe_recorder)."""
-        if self._frames is None:
-            raise RuntimeError("this subscriber does not keep its frames")
-        msg = self.recv(timeout)
-        raw = self._last_frames
-        if raw is None:
-            return msg, None
-        first, rest = raw
-        return msg, (first, bytes(rest[0]) if rest else None)
 
     def _wait(self, deadline: Deadline) -> None:
         remaining = deadline.remaining()
