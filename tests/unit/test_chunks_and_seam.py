@@ -53,7 +53,7 @@ def replay(frame: bytes) -> tuple[bytes, list[memoryview]]:
     return _control.control_frame(READY[:-1], OTHER, _wire.FLAG_REPLAY), [memoryview(frame)]
 
 
-# -- chunks -------------------------------------------------------------------------------------
+# -- chunks ----------
 @pytest.mark.parametrize("shape,dtype", [((1000, 1000), "u2"), ((3, 70000), "f8"),
                                          ((CHUNK_SIZE,), "u1"), ((CHUNK_SIZE + 1,), "u1")])
 def test_a_large_array_travels_in_chunks_and_comes_back_whole(shape: tuple[int, ...],
@@ -128,7 +128,7 @@ def test_hostile_chunks_never_raise(meta: bytes) -> None:
     assert [m.seq for m in box.messages] == [2]
 
 
-# -- the zero-copy budget -------------------------------------------------------------------------
+# -- the zero-copy budget ----------
 class Held:
     def __init__(self) -> None:
         self.done = False
@@ -162,7 +162,7 @@ def test_byte_limits_turn_into_message_counts() -> None:
         effective_hwm(0, None)
 
 
-# -- handshake and seam ---------------------------------------------------------------------------
+# -- handshake and seam ----------
 def test_replays_come_first_then_the_live_messages_held_back() -> None:
     box = Inbox(compile_pattern("**"), READY)
     box.feed(single("a", 7, "live-early"), [])
@@ -201,7 +201,7 @@ def test_the_seam_drops_only_live_copies_just_below_the_replay() -> None:
     assert SEAM_WINDOW >= 1024
 
 
-# -- bounded state ----------------------------------------------------------------------------------
+# -- bounded state ----------
 def test_the_tracker_forgets_the_least_recently_heard_stream() -> None:
     seqs = SequenceTracker(limit=3)
     for sender in (b"a", b"b", b"c"):
