@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import time as _time
 from collections import deque
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 from . import _batch, _chunk, _control, _wire
@@ -34,6 +35,7 @@ REPORT_PERIOD = 1.0
 OVERHEAD = 12  # bytes per message besides its payload, for the broker's byte counts
 _PLAIN = frozenset({float, int, str, bool, type(None), dict, list, tuple})
 BATCHABLE = _batch.MAX_BYTES // 16  # larger payloads are sent on their own
+_NOTHING: tuple[()] = ()  # what most publishes in a burst send: nothing yet
 
 
 class Tracker(Protocol):
@@ -83,7 +85,7 @@ class Outbox:
 
     # -- publishing -------------------------------------------------------------------------
     def publish(self, topic: str, prefix: bytes, data: Any, retain: bool = False,
-                now: float | None = None) -> list[Send]:
+                now: float | None = None) -> Sequence[Send]:
         """The sends for one message. EncodeError (nothing changed) if it cannot be encoded."""
         if now is None:
             now = _time.time()
@@ -100,7 +102,20 @@ class Outbox:
                     f"cannot encode payload of type {kind.__name__}: {exc!r}"
                 ) from None
             if entry is not None and len(entry) <= BATCHABLE:
-                return self._publish_small(topic, prefix, data, kind, entry, now)
+                # The hot path, inline: a small plain value, batched in a burst.
+                seq = self._seqs.get(topic, 0) + 1
+                self._seqs[topic] = seq
+                batch = self._batch
+                if batch is not None and self._batch_topic == topic:
+                    self._last_publish = now
+                    if batch.add(now, entry) or now - batch.first_time >= self.batch_delay:
+                        sends = [self._take_batch()]
+                        self._maybe_report(sends, now)
+                        return sends
+                    if now >= self._next_report:
+                        return [self.report(now)]
+                    return _NOTHING
+                return self._start_run(topic, prefix, data, kind, entry, seq, now)
         payload = _wire.encode_payload(data, self.encoder)
         sends = self.flush()  # everything published before goes first
         self._message(sends, topic, prefix, payload, retain, now)
@@ -108,35 +123,26 @@ class Outbox:
         self._maybe_report(sends, now)
         return sends
 
-    def _publish_small(self, topic: str, prefix: bytes, data: Any, kind: type,
-                       entry: bytes, now: float) -> list[Send]:
-        # The hot path: a small plain value, batched when it comes in a burst.
-        seq = self._seqs.get(topic, 0) + 1
-        self._seqs[topic] = seq
-        sends: list[Send] = []
-        batch = self._batch
-        if batch is not None and self._batch_topic == topic:
-            if batch.add(now, entry) or now - batch.first_time >= self.batch_delay:
-                sends.append(self._take_batch())
+    def _start_run(self, topic: str, prefix: bytes, data: Any, kind: type, entry: bytes,
+                   seq: int, now: float) -> Sequence[Send]:
+        # A small message that does not join the open batch: that batch (another topic's)
+        # goes first; in a burst this one opens a batch, else it goes alone.
+        sends = self.flush()
+        if now - self._last_publish < BURST_GAP:
+            self._batch = Batch(prefix, seq, now, entry)
+            self._batch_topic = topic
+            self.batch_started = True
         else:
-            if batch is not None:
-                sends.append(self._take_batch())  # another topic: the run ends here
-            if now - self._last_publish < BURST_GAP:
-                self._batch = Batch(prefix, seq, now, entry)
-                self._batch_topic = topic
-                self.batch_started = True
-            else:
-                payload = (
-                    _wire.Payload(_wire.KIND_BYTES, data)
-                    if kind is bytes
-                    else _wire.Payload(_wire.KIND_MSGPACK, entry)
-                )
-                frame, _ = _wire.build_frames(prefix, 0, self.sender, seq, now, payload)
-                sends.append(Send([frame]))
-                self._count_bytes(topic, len(payload.inline))
+            payload = (
+                _wire.Payload(_wire.KIND_BYTES, data)
+                if kind is bytes
+                else _wire.Payload(_wire.KIND_MSGPACK, entry)
+            )
+            frame, _ = _wire.build_frames(prefix, 0, self.sender, seq, now, payload)
+            sends.append(Send([frame]))
+            self._count_bytes(topic, len(payload.inline))
         self._last_publish = now
-        if now >= self._next_report:
-            self._maybe_report(sends, now)
+        self._maybe_report(sends, now)
         return sends
 
     def _message(self, sends: list[Send], topic: str, prefix: bytes, payload: _wire.Payload,

@@ -17,7 +17,7 @@ from __future__ import annotations
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import msgspec
@@ -132,7 +132,7 @@ class Publisher:
                 if due is not None and self._owner is not None:
                     self._owner._batch_started(self, due)
 
-    def _run(self, make: Callable[[], list[Send]]) -> None:
+    def _run(self, make: Callable[[], Sequence[Send]]) -> None:
         if self._dead:
             raise Closed("publisher belongs to the parent process (fork)")
         with self._lock:
@@ -171,7 +171,7 @@ class Publisher:
         """Send a message that is already framed (replay keeps its original header)."""
         self._run(lambda: self._outbox.relay(frame, external))
 
-    def _transmit(self, sends: list[Send]) -> None:
+    def _transmit(self, sends: Sequence[Send]) -> None:
         # Caller holds self._lock: the only thread in the socket.
         sock = self._sock
         outbox = self._outbox
