@@ -265,8 +265,8 @@ def test_ctrl_c_interrupts_a_blocking_recv() -> None:
             @bus.on("x")
             async def cb(msg): pass
             sub = bus.subscribe("never")
-            print("waiting", flush=True)
             try:
+                print("waiting", flush=True)  # inside the try: SIGINT may come at once
                 sub.recv()
             except KeyboardInterrupt:
                 print("interrupted", flush=True)
