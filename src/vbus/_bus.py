@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import atexit
 import concurrent.futures
+import contextlib
 import enum
 import inspect
 import logging
 import os
 import threading
 import weakref
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from typing import Any, TypeVar, overload
 
 import msgspec
@@ -61,6 +62,7 @@ from ._subscriber import (
 )
 from ._threads import Deadline, block_signals, build_uninterrupted, join, signals_deferred
 from ._topics import compile_pattern
+from ._waker import Waker
 
 log = logging.getLogger("vbus")
 
@@ -157,6 +159,10 @@ class _Core:
         self.broker: Broker | None = None
         self.endpoints: Endpoints | None = None
         self.inproc_clients: weakref.WeakSet[_Core] = weakref.WeakSet()
+        # Woken when close() begins: handshakes under way (subscribe(), publisher() in other
+        # threads) wait on it too; closed by the last of them once the bus is closed.
+        self.closing = Waker()
+        self.handshakes = 0
         self.done = False  # everything stopped and joined: nothing left for a second close
 
     # -- the Owner protocols ------------------------------------------------------------------
@@ -215,6 +221,20 @@ class _Core:
             child._close(0.0, 0.0)
         raise Closed("the bus was closed")
 
+    @contextlib.contextmanager
+    def handshake(self) -> Iterator[Waker]:
+        """Around a readiness wait: the waker close() fires, kept open while it is used."""
+        with self.lock:
+            self.check_open()
+            self.handshakes += 1
+        try:
+            yield self.closing
+        finally:
+            with self.lock:
+                self.handshakes -= 1
+                if not self.handshakes and self.state is not _State.OPEN:
+                    self.closing.close()
+
     def new_outbox(self, batch_delay: float | None = None) -> Any:
         return new_outbox(
             batch_delay=self.batch_delay if batch_delay is None else batch_delay,
@@ -225,8 +245,10 @@ class _Core:
     def publisher(self, cls: type[Publisher]) -> Any:
         self.check_open()
         assert self.endpoints is not None
-        sock = connect_publisher(self.context, self.endpoints.publish, self.timeout,
-                                 effective_hwm(self.hwm, self.max_queue_bytes), self.configure)
+        with self.handshake() as closing:
+            sock = connect_publisher(self.context, self.endpoints.publish, self.timeout,
+                                     effective_hwm(self.hwm, self.max_queue_bytes),
+                                     self.configure, closing)
         linger = LINGER if self.endpoints.is_network else 0.0
         return self.adopt(cls(sock, self.new_outbox(), owner=self, linger=linger))
 
@@ -239,11 +261,12 @@ class _Core:
         queue = effective_hwm(self.hwm if hwm is None else hwm, budget)  # validates both
         self.check_open()
         assert self.endpoints is not None
-        sock, inbox = connect_subscriber(
-            self.context, self.endpoints.subscribe, compiled, timeout=self.timeout,
-            hwm=queue, type=type, max_assembly_bytes=budget or DEFAULT_MAX_QUEUE_BYTES,
-            configure=self.configure,
-        )
+        with self.handshake() as closing:
+            sock, inbox = connect_subscriber(
+                self.context, self.endpoints.subscribe, compiled, timeout=self.timeout,
+                hwm=queue, type=type, max_assembly_bytes=budget or DEFAULT_MAX_QUEUE_BYTES,
+                configure=self.configure, closing=closing,
+            )
         try:
             sub: S = cls(sock, inbox, on_loss=on_loss, owner=self)
         except BaseException:
@@ -303,6 +326,7 @@ class _Core:
         deadline; a step that cannot finish in time is named and left to finish on its own
         (a later close() joins what is left), so the next step still gets its turn."""
         stuck: list[str] = []
+        self.closing.wake()  # 0. handshakes under way in other threads end with Closed
         # 1. clients sharing our context (vbus.connect to our inproc address)
         for client in list(self.inproc_clients):
             client.close(deadline.remaining() or 0.0)
@@ -333,6 +357,9 @@ class _Core:
             stuck += self.broker.stop(deadline)
             if self.endpoints is not None:
                 _INPROC_OWNERS.pop(self.endpoints.address, None)
+        with self.lock:
+            if not self.handshakes:
+                self.closing.close()  # else the last handshake closes it
         # 5. the context: ended now if no socket is open, else by whoever closes the last
         if self.owns_context and not self.keeper.release():
             stuck.append(f"{self.keeper.open_sockets()} socket(s) still in use")

@@ -26,8 +26,10 @@ import zmq
 from . import _control, _wire
 from ._errors import Closed, ConnectError
 from ._outbox import Outbox, Send
+from ._subscriber import wait_readable
 from ._threads import Deadline
 from ._topics import topic_prefix, validate_topic
+from ._waker import Waker
 
 _PREFIX_CACHE_LIMIT = 4096
 _DRAIN_EVERY = 256
@@ -54,9 +56,11 @@ def connect_publisher(
     timeout: float,
     hwm: int,
     configure: Callable[[zmq.Socket[bytes]], None] | None = None,
+    closing: Waker | None = None,
 ) -> zmq.Socket[bytes]:
     """An XPUB connected to ``endpoint``, returned once the broker has subscribed to it.
-    ``configure`` sets options (CURVE keys) before it connects."""
+    ``configure`` sets options (CURVE keys) before it connects; ``closing`` (the bus's)
+    ends the wait with Closed."""
     sock = context.socket(zmq.XPUB)
     try:
         sock.linger = 0
@@ -67,8 +71,7 @@ def connect_publisher(
         sock.connect(endpoint)
         deadline = Deadline(timeout)
         while True:
-            remaining = deadline.remaining() or 0.0
-            if not sock.poll(int(remaining * 1000)):
+            if not wait_readable(sock, deadline, closing):
                 raise ConnectError(f"no broker answered at {endpoint} within {timeout:g} s")
             if _control.is_acceptance(sock.recv()):
                 return sock

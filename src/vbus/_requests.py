@@ -91,16 +91,18 @@ def _connect(bus: Any, agent_id: str) -> _Link:
     core = bus._core
     context, endpoints, timeout = core.context, core.endpoints, core.timeout
     hwm = effective_hwm(core.hwm, core.max_queue_bytes)
-    pub = connect_publisher(context, endpoints.publish, timeout, hwm, core.configure)
-    try:
-        sub, _inbox = connect_subscriber(
-            context, endpoints.subscribe, compile_pattern(f"$vbus/reply/{agent_id}/*"),
-            timeout=timeout, hwm=hwm, configure=core.configure,
-            max_assembly_bytes=core.max_queue_bytes or DEFAULT_MAX_QUEUE_BYTES,
-        )
-    except BaseException:
-        pub.close(0)
-        raise
+    with core.handshake() as closing:
+        pub = connect_publisher(context, endpoints.publish, timeout, hwm, core.configure,
+                                closing)
+        try:
+            sub, _inbox = connect_subscriber(
+                context, endpoints.subscribe, compile_pattern(f"$vbus/reply/{agent_id}/*"),
+                timeout=timeout, hwm=hwm, configure=core.configure, closing=closing,
+                max_assembly_bytes=core.max_queue_bytes or DEFAULT_MAX_QUEUE_BYTES,
+            )
+        except BaseException:
+            pub.close(0)
+            raise
     return _Link(pub, sub, timeout)
 
 

@@ -90,6 +90,20 @@ def _recv_into(sock: zmq.Socket[bytes], inbox: Inbox) -> bool:
     return True
 
 
+def wait_readable(sock: zmq.Socket[bytes], deadline: Deadline, closing: Waker | None) -> bool:
+    """Wait for ``sock`` until ``deadline``; False on timeout. Closed as soon as the bus's
+    ``closing`` waker fires: a handshake is a waiter too, and close() wakes every waiter."""
+    if closing is None:
+        return bool(sock.poll(int((deadline.remaining() or 0.0) * 1000)))
+    poller = zmq.Poller()
+    poller.register(sock, zmq.POLLIN)
+    poller.register(closing.fileno(), zmq.POLLIN)
+    events = dict(poller.poll(int((deadline.remaining() or 0.0) * 1000)))
+    if closing.fileno() in events:
+        raise Closed("the bus was closed")
+    return sock in events
+
+
 def connect_subscriber(
     context: zmq.Context[zmq.Socket[bytes]],
     endpoint: str,
@@ -100,6 +114,7 @@ def connect_subscriber(
     type: Any = None,
     max_assembly_bytes: int,
     configure: Callable[[zmq.Socket[bytes]], None] | None = None,
+    closing: Waker | None = None,
 ) -> tuple[zmq.Socket[bytes], Inbox]:
     """A SUB socket whose subscription the broker has confirmed active, and its inbox.
 
@@ -126,8 +141,7 @@ def connect_subscriber(
         sock.connect(endpoint)
         deadline = Deadline(timeout)
         while not inbox.confirmed:
-            remaining = deadline.remaining() or 0.0
-            if not sock.poll(int(remaining * 1000)):
+            if not wait_readable(sock, deadline, closing):
                 raise ConnectError(
                     f"broker at {endpoint} did not confirm subscription {pattern.text!r} "
                     f"within {timeout:g} s"
