@@ -26,7 +26,7 @@ from typing import Any
 
 import zmq
 
-_KEPT: set[ContextKeeper] = set()  # contexts not yet terminated, kept from the collector
+_KEPT: set[ContextKeeper] = set()  # released (or forked) and not terminated: kept from the GC
 
 
 class _Socket(zmq.Socket[bytes]):
@@ -64,6 +64,20 @@ class _Context(zmq.Context[zmq.Socket[bytes]]):
     _socket_class = _Socket
     keeper: Callable[[], ContextKeeper | None] = _no_keeper  # a weakref once kept
 
+    def __init__(self) -> None:
+        # pyzmq's Cython init checks for signals after making the libzmq context and before
+        # noting the pid that term() insists on: Ctrl-C there leaves a context that pyzmq
+        # never ends, and its fds stay till exit. The init clears ``closed`` right next to
+        # noting the pid, so ``closed`` still set afterwards tells that case apart.
+        self.closed = True
+        try:
+            super().__init__()
+        except BaseException:
+            handle = self.underlying
+            if handle and self.closed:
+                zmq.Context.shadow(handle).term()  # a shadow with its pid noted can end it
+            raise
+
 
 class ContextKeeper:
     def __init__(self, context: zmq.Context[zmq.Socket[bytes]] | None = None) -> None:
@@ -79,7 +93,6 @@ class ContextKeeper:
         self._released = False
         self._terminated = False
         self._forked = False
-        _KEPT.add(self)
 
     @property
     def terminated(self) -> bool:
@@ -87,6 +100,11 @@ class ContextKeeper:
 
     def release(self) -> bool:
         """The owner is done with the context; True if it is terminated now."""
+        # Kept from here on, not from birth: until now the owner holds us, and a keeper whose
+        # owner never got hold of it (Ctrl-C inside Bus() before the core was stored) has no
+        # socket and is freed with its context, fds and all, instead of staying kept forever.
+        if not self._terminated:
+            _KEPT.add(self)
         self._released = True
         return self._try_term()
 
@@ -97,7 +115,8 @@ class ContextKeeper:
 
     def forked(self) -> None:
         """In a child after fork: the context is the parent's; never touch it."""
-        self._forked = True  # kept in _KEPT: collecting it would try to end it
+        self._forked = True
+        _KEPT.add(self)  # kept for good: collecting it would try to end it
 
     def close_sockets(self) -> None:
         """Close every socket of the context, half-made ones included. Only for a context that
