@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -67,24 +66,6 @@ def block_signals() -> None:
     then interrupt a blocking recv() there, and never land in one of vbus's threads."""
     if hasattr(signal, "pthread_sigmask"):
         signal.pthread_sigmask(signal.SIG_BLOCK, _blockable())
-
-
-@contextlib.contextmanager
-def signals_deferred() -> Iterator[None]:
-    """Hold asynchronous signals back for a few statements that make a resource and store it
-    (an fd, a socket): Ctrl-C then lands before or after, never between the two, so nothing
-    is made that no cleanup can see. Only the main thread gets Python signal handlers; in
-    other threads this does nothing."""
-    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not (
-        threading.main_thread()
-    ):
-        yield
-        return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, _blockable())
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _blockable() -> set[signal.Signals]:
