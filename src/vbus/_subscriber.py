@@ -170,9 +170,13 @@ class Subscriber:
         self._frames = inbox.frames  # None unless kept for recording
         self._last_frames: tuple[bytes, list[memoryview]] | None = None
         self._waker = Waker()
-        self._poller = zmq.Poller()
-        self._poller.register(sock, zmq.POLLIN)
-        self._poller.register(self._waker.fileno(), zmq.POLLIN)
+        try:
+            self._poller = zmq.Poller()
+            self._poller.register(sock, zmq.POLLIN)
+            self._poller.register(self._waker.fileno(), zmq.POLLIN)
+        except BaseException:  # Ctrl-C: close the fd now, not when the traceback is collected
+            self._waker.close()
+            raise
 
     @property
     def pattern(self) -> str:
