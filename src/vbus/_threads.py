@@ -98,12 +98,31 @@ def build_uninterrupted(build: Callable[[], T], keep: Callable[[T], object], wha
         started.wait(timeout, what)
     finally:
         # Interrupted inside start(), the thread runs but may not be marked started yet,
-        # and join() would refuse it: wait for the mark first (it comes at once).
+        # and join() would refuse it: wait for the mark first (it comes at once). Or
+        # start() was interrupted before it launched the thread: no mark ever comes, and
+        # the thread would sit in threading's list of threads being born for good.
         launched = getattr(thread, "_started", None)
-        if launched is not None and not launched.is_set():
-            launched.wait(1.0)
+        if launched is not None and not launched.is_set() and not launched.wait(_LAUNCH_WAIT):
+            _forget_unlaunched(thread)
         if launched is None or launched.is_set():
             thread.join(timeout)
+
+
+_LAUNCH_WAIT = 0.1  # a launched thread marks itself started within microseconds
+
+
+def _forget_unlaunched(thread: threading.Thread) -> None:
+    """Take a thread whose start() Ctrl-C cut short before it launched the thread out of
+    threading's list of threads being born, where enumerate() would list it forever. The
+    build it was to run never ran: nothing else is left."""
+    lock = getattr(threading, "_active_limbo_lock", None)
+    limbo = getattr(threading, "_limbo", None)
+    if lock is None or limbo is None:
+        return
+    with lock:
+        started = getattr(thread, "_started", None)
+        if started is not None and not started.is_set():
+            limbo.pop(thread, None)
 
 
 def is_current(thread: threading.Thread | None) -> bool:
