@@ -96,6 +96,14 @@ def build_uninterrupted(build: Callable[[], T], keep: Callable[[T], object], wha
     try:
         thread.start()
         started.wait(timeout, what)
+    except RuntimeError as exc:
+        # CPython's Condition.wait (inside start() and Event.wait), hit by Ctrl-C just after
+        # it released its lock, leaves the lock free and then fails to release it again:
+        # RuntimeError('release unlocked lock') stands in for the KeyboardInterrupt. Raise
+        # what the user pressed. (The condition is left consistent: its lock is free.)
+        if isinstance(exc.__context__, KeyboardInterrupt):
+            raise exc.__context__ from None
+        raise
     finally:
         # Interrupted inside start(), the thread runs but may not be marked started yet,
         # and join() would refuse it: wait for the mark first (it comes at once). Or
