@@ -19,6 +19,7 @@ import enum
 import inspect
 import logging
 import os
+import secrets
 import threading
 import weakref
 from collections.abc import Callable, Coroutine, Iterator, Sequence
@@ -60,7 +61,7 @@ from ._subscriber import (
     SubscriberStats,
     connect_subscriber,
 )
-from ._threads import Deadline, block_signals, build_uninterrupted, join, signals_deferred
+from ._threads import Deadline, block_signals, build_uninterrupted, join
 from ._topics import compile_pattern
 from ._waker import Waker
 
@@ -484,6 +485,11 @@ class Bus:
             _register(self, core)
             return self
         except BaseException:
+            if core.owns_context:
+                # Only this call has used the new context: close the sockets Ctrl-C left
+                # half-made inside pyzmq (alive in the traceback's frames until we are done),
+                # so that the context ends now rather than when they are collected.
+                core.keeper.close_sockets()
             core.close(1.0)
             raise
 
@@ -731,9 +737,15 @@ def _probe(context: zmq.Context[zmq.Socket[bytes]], endpoint: str, timeout: floa
     sock = context.socket(zmq.XPUB)
     try:
         sock.linger = 0
-        with signals_deferred():  # a monitor half made would outlive its socket
-            monitor = sock.get_monitor_socket(_HANDSHAKE_FAILED)
+        # The PAIR first, then the monitor it listens to (not get_monitor_socket, which makes
+        # them the other way round and stores the PAIR only at its end): Ctrl-C at any
+        # moment leaves nothing the finally clauses below cannot close. libzmq's own end of
+        # the monitor goes with ``sock``.
+        monitor = context.socket(zmq.PAIR)
         try:
+            monitor_address = f"inproc://vbus-probe-{secrets.token_hex(8)}"
+            sock.monitor(monitor_address, _HANDSHAKE_FAILED)
+            monitor.connect(monitor_address)
             if configure is not None:
                 configure(sock)
             sock.connect(endpoint)
@@ -756,7 +768,6 @@ def _probe(context: zmq.Context[zmq.Socket[bytes]], endpoint: str, timeout: floa
                             "CURVE keys, and is it this one?)")
             return "no vbus broker answered at {address} within {timeout:g} s"
         finally:
-            sock.disable_monitor()
             monitor.close(0)
     finally:
         sock.close(0)

@@ -180,9 +180,13 @@ class Subscriber:
         self._receiver: int | None = None  # ident of the thread inside recv()
         self._closed_event = threading.Event()
         self._waker = Waker()
-        self._poller = zmq.Poller()
-        self._poller.register(sock, zmq.POLLIN)
-        self._poller.register(self._waker.fileno(), zmq.POLLIN)
+        try:
+            self._poller = zmq.Poller()
+            self._poller.register(sock, zmq.POLLIN)
+            self._poller.register(self._waker.fileno(), zmq.POLLIN)
+        except BaseException:  # Ctrl-C: close the fd now, not when the traceback is collected
+            self._waker.close()
+            raise
 
     @property
     def pattern(self) -> str:

@@ -2,24 +2,33 @@
 
 from __future__ import annotations
 
+import itertools
 import os
-
-from ._threads import signals_deferred
 
 
 class Waker:
     """Level-triggered: once woken it stays readable until closed. Safe to wake from any thread."""
 
-    _read = _write = -1
-
     def __init__(self) -> None:
-        with signals_deferred():  # the fds are stored before Ctrl-C can land
-            if hasattr(os, "eventfd"):
-                fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-                self._read, self._write = fd, fd
-            else:  # pragma: no cover - non-Linux
-                self._read, self._write = os.pipe()
-                os.set_blocking(self._write, False)
+        # Made and stored in one C call (list.extend drains the iterator in C, running no
+        # bytecode between the fd's birth and its storage), so Ctrl-C cannot land in between
+        # and leave an fd nobody can close. Masking signals cannot promise that: a signal
+        # taken by another thread still runs its Python handler in the main thread, at once.
+        self._fds: list[int] = []
+        if hasattr(os, "eventfd"):
+            self._fds.extend(
+                itertools.starmap(os.eventfd, [(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)]))
+        else:  # pragma: no cover - non-Linux
+            self._fds.extend(itertools.chain.from_iterable(itertools.starmap(os.pipe, [()])))
+            os.set_blocking(self._fds[-1], False)
+
+    @property
+    def _read(self) -> int:
+        return self._fds[0] if self._fds else -1
+
+    @property
+    def _write(self) -> int:
+        return self._fds[-1] if self._fds else -1
 
     def fileno(self) -> int:
         return self._read
@@ -36,8 +45,9 @@ class Waker:
         self.close()
 
     def close(self) -> None:
-        fds = {self._read, self._write}
-        self._read = self._write = -1
-        for fd in fds:
-            if fd >= 0:
-                os.close(fd)
+        while True:
+            try:
+                fd = self._fds.pop()
+            except IndexError:  # none left (or another thread took the last)
+                return
+            os.close(fd)
