@@ -10,6 +10,7 @@ from ._topics import Pattern
 
 MAX_RETAINED_TOPICS = 100_000
 MAX_REPORTERS = 100_000
+MAX_SUBSCRIBERS = 100_000
 _MAX_COUNT = 2**63 - 1  # sums of many reports stay encodable
 
 
@@ -45,6 +46,40 @@ class RetainedStore:
 
     def matching(self, pattern: Pattern) -> list[list[bytes]]:
         return [frames for topic, frames in sorted(self._frames.items()) if pattern.match(topic)]
+
+
+class SubscriberCount:
+    """The number of confirmed subscribers (ready tokens), exact, in bounded memory.
+
+    The forwarder reports each token once when it appears and once when its last subscriber
+    goes (its XPUB passes on only the first subscription and the last unsubscription of a
+    prefix), so a count is exact. Up to ``limit`` tokens are kept by name, the rest counted
+    only: a flood of bogus tokens costs no more than the bound."""
+
+    def __init__(self, limit: int = MAX_SUBSCRIBERS) -> None:
+        self._tokens: set[bytes] = set()
+        self._untracked = 0
+        self._limit = limit
+
+    def __len__(self) -> int:
+        return len(self._tokens) + self._untracked
+
+    def __contains__(self, token: object) -> bool:
+        return token in self._tokens
+
+    def add(self, token: bytes) -> None:
+        if token in self._tokens:
+            return
+        if len(self._tokens) < self._limit:
+            self._tokens.add(token)
+        else:
+            self._untracked += 1
+
+    def discard(self, token: bytes) -> None:
+        if token in self._tokens:
+            self._tokens.discard(token)
+        elif self._untracked:
+            self._untracked -= 1
 
 
 class Ledger:
