@@ -52,10 +52,17 @@ FD_RESERVE = 128
 MAX_SUBSCRIPTION_BYTES = 256 * 1024
 """Bytes a subscriber connection may send over its life (a vbus subscriber sends a few
 hundred: its pattern's prefixes, a want and a ready token); past that it is cut."""
-MAX_SUBSCRIPTIONS = 50_000
-"""Distinct subscriptions held at the broker in total; past that the subscriber connection
-that sent the most is cut, until the total is back under the bound."""
-PEER_CHECK_PERIOD = 0.02
+MAX_SUBSCRIPTION_BYTES_TOTAL = 2 * 1024 * 1024
+"""Bytes all subscriber connections may have sent together (ten thousand vbus subscribers
+send about as much); past that the connections that sent the most are cut until the total
+is back under the bound. Counted by the kernel (TCP_INFO), so the bound holds however far
+the service is behind in handling what they sent."""
+PENALTY_BYTES = 4096
+"""The budget of a subscriber connection from a host whose connection was cut in the last
+``PENALTY`` seconds: still ten times what a vbus subscriber sends, but a flooder that
+reconnects (ZeroMQ does so by itself, and sends all its subscriptions again) is cut at once."""
+PENALTY = 10.0
+PEER_CHECK_PERIOD = 0.005
 BACKOFF_MAX = 1.0
 _SUBSCRIBE, _UNSUBSCRIBE = b"\x01", b"\x00"
 _TCPI_BYTES_RECEIVED = 128  # offset in Linux's struct tcp_info (since 4.1)
@@ -92,6 +99,7 @@ class BrokerService:
         self._rejections = BurstLog(log, "broker refused a network peer")
         self._failures = BurstLog(log, "broker service skipped bad input")
         self._errors = BurstLog(log, "broker service: ZeroMQ error, retrying")
+        self._unconfirmed = BurstLog(log, "broker service")
         self.waker = Waker()
         self.subscribers = SubscriberCount()
         self.retained = RetainedStore()
@@ -114,6 +122,10 @@ class BrokerService:
             # Every subscription and unsubscription must reach us, however many come at
             # once: a dropped one would leave a subscriber unconfirmed or miscounted.
             out.rcvhwm = 0
+            # Nor may a confirmation be dropped on its way into the forwarder (a full queue
+            # there would leave a subscriber waiting): what we send is bounded by what we
+            # receive (one confirmation a subscription, replays bounded per confirmation).
+            out.sndhwm = 0
             for sock, endpoint in zip(monitors, self._monitor_endpoints, strict=True):
                 sock.rcvhwm = 0  # nor may a connection event be lost
                 sock.connect(endpoint)
@@ -203,7 +215,7 @@ class BrokerService:
                 now = time.monotonic()
                 if now >= next_check:
                     next_check = float("inf")
-                    self._connections.check_subscribers(self._subscriptions)
+                    self._connections.check_subscribers()
                 if now >= next_stats:
                     next_stats = now + STATS_PERIOD
                     self._connections.sweep()
@@ -345,7 +357,7 @@ class BrokerService:
                     out.send_multipart([head, *frames], zmq.NOBLOCK)
             out.send(_control.control_frame(ready, self._sender), zmq.NOBLOCK)
         except zmq.Again:
-            log.warning("broker %s: could not confirm subscription %r", self._id, token)
+            self._unconfirmed.event(1, f"could not confirm subscription {token!r}")
 
     # -- statistics ---------------------------------------------------------------------------
     def _ask_forwarder_stats(self, control: zmq.Socket[bytes]) -> None:
@@ -416,7 +428,8 @@ class Connections:
         self.max_total = min(MAX_CONNECTIONS, _fd_budget())
         self.max_per_peer = min(MAX_CONNECTIONS_PER_PEER, self.max_total)
         self.max_subscription_bytes = MAX_SUBSCRIPTION_BYTES
-        self.max_subscriptions = MAX_SUBSCRIPTIONS
+        self.max_subscription_bytes_total = MAX_SUBSCRIPTION_BYTES_TOTAL
+        self._penalty: dict[str, float] = {}  # host -> until when its budget is small
 
     def __len__(self) -> int:
         return len(self._by_fd)
@@ -453,25 +466,33 @@ class Connections:
             if _names(fd) != (conn.local, conn.peer, conn.tcp):
                 self.disconnected(fd)
 
-    def check_subscribers(self, subscriptions: int) -> None:
-        """Cut subscriber connections over their byte budget; while the broker holds more
-        subscriptions than its bound, cut the connection that sent the most."""
+    def check_subscribers(self) -> None:
+        """Cut subscriber connections over their byte budget; while all of them together
+        sent more than the total budget, cut those that sent the most."""
         sent: list[tuple[int, _Connection]] = []
+        now = time.monotonic()
         for conn in list(self._by_fd.values()):
             if not conn.tcp or _local_port(conn) not in self._subscriber_ports:
                 continue  # publishers' bytes are data; ipc peers are on this host
             received = _bytes_received(conn)
             if received is None:
                 continue
-            if received > self.max_subscription_bytes:
-                self._cut(conn, f"sent {received} bytes of subscriptions "
-                                f"(more than {self.max_subscription_bytes})")
+            budget = self.max_subscription_bytes
+            if self._penalty.get(conn.host, 0.0) > now:
+                budget = min(budget, PENALTY_BYTES)
+            if received > budget:
+                self._cut(conn, f"sent {received} bytes of subscriptions (more than {budget})")
             else:
                 sent.append((received, conn))
-        if subscriptions > self.max_subscriptions and sent:
-            received, conn = max(sent, key=lambda item: item[0])
-            self._cut(conn, f"the broker holds {subscriptions} subscriptions (more than "
-                            f"{self.max_subscriptions}); this peer sent the most")
+        total = sum(received for received, _ in sent)
+        sent.sort(key=lambda item: item[0], reverse=True)
+        for received, conn in sent:
+            if total <= self.max_subscription_bytes_total:
+                break
+            self._cut(conn, f"subscribers sent {total} bytes of subscriptions together "
+                            f"(more than {self.max_subscription_bytes_total}); this one "
+                            f"{received}, among the most")
+            total -= received
 
     def _refuse(self, conn: _Connection, why: str) -> None:
         self._counters["refused_connections"] += 1
@@ -479,6 +500,9 @@ class Connections:
         _shutdown(conn)
 
     def _cut(self, conn: _Connection, why: str) -> None:
+        self._penalty[conn.host] = time.monotonic() + PENALTY
+        if len(self._penalty) > MAX_CONNECTIONS:
+            self._penalty.pop(next(iter(self._penalty)))
         self._counters["cut_subscribers"] += 1
         self._burst.event(1, f"subscriber {conn.peer} cut: {why}")
         _shutdown(conn)
