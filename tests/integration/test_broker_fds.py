@@ -54,7 +54,7 @@ def test_fd_exhaustion_is_survived(secure: bool, leakcheck: LeakCheck, tmp_path:
         args += ["--keys", str(tmp_path / "server.key"), "--authorized",
                  str(tmp_path / "clients")]
         options = {"keypair": user, "server_key": server.public}
-    log = tempfile.TemporaryFile("w+")
+    log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed in finally
     proc = subprocess.Popen([sys.executable, "-m", "vbus", "broker", *args],
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
                             text=True, preexec_fn=_limit_fds)

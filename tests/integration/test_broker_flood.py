@@ -13,8 +13,8 @@ from __future__ import annotations
 import secrets
 import signal
 import subprocess
-import tempfile
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -34,7 +34,7 @@ MAX_RSS_MIB = 300
 class StandaloneBroker:
     def __init__(self, *args: str) -> None:
         # Its log goes to a file: a pipe nobody reads would stall the broker once full.
-        self.log = tempfile.TemporaryFile("w+")
+        self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "vbus", "broker", "--bind", "tcp://127.0.0.1:0", *args],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self.log, text=True,
