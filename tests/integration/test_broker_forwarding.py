@@ -64,6 +64,12 @@ class BrokerChild:
         self.address = self.proc.stdout.readline().strip()
         assert self.address, "broker child did not start"
 
+    def cpu(self) -> float:
+        """CPU seconds (user + system) the broker process used so far."""
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def close(self) -> None:
         assert self.proc.stdin is not None
         self.proc.stdin.close()
@@ -188,24 +194,29 @@ def main() -> None:
     kinds = {"raw": (RAW, None), "after": (VBUS, _vbus_src())}
     if args.before:
         kinds["before"] = (VBUS, args.before)
-    cases = [(64, 200_000, 2000), (1 << 20, 400, 50)]  # within the default byte bound
+    cases = [(64, 100_000, 2000), (1 << 20, 300, 50)]  # within the default byte bound
     for size, count, hwm in cases:
         rates: dict[str, list[float]] = {k: [] for k in kinds}
+        cpus: dict[str, list[float]] = {k: [] for k in kinds}
         for _ in range(args.rounds):
             for kind, (script, src) in kinds.items():
                 child = BrokerChild(script, hwm, src)
                 try:
+                    before = child.cpu()
                     rate, got = forward(child.address, size, count, kind == "raw")
+                    cpu = (child.cpu() - before) / max(got, 1) * 1e6
                 finally:
                     child.close()
                 rates[kind].append(rate)
-                print(f"  {size:>8} B {kind:>6}: {rate:12,.0f} msg/s  ({got}/{count})",
-                      flush=True)
-        raw = statistics.median(rates["raw"])
+                cpus[kind].append(cpu)
+                print(f"  {size:>8} B {kind:>6}: {rate:12,.0f} msg/s  ({got}/{count}), broker "
+                      f"CPU {cpu:8.2f} us/msg", flush=True)
+        raw, raw_cpu = statistics.median(rates["raw"]), statistics.median(cpus["raw"])
         for kind in kinds:
-            med = statistics.median(rates[kind])
+            med, cpu = statistics.median(rates[kind]), statistics.median(cpus[kind])
             print(f"{size:>8} B {kind:>6}: median {med:12,.0f} msg/s  ratio to raw "
-                  f"{med / raw:.3f}", flush=True)
+                  f"{med / raw:.3f}; broker CPU {cpu:.2f} us/msg, ratio to raw "
+                  f"{cpu / raw_cpu:.3f}", flush=True)
 
 
 if __name__ == "__main__":
