@@ -446,3 +446,18 @@ def test_100k_retained_topics_are_bounded_and_replay_looks_only_where_it_must() 
           f"{took * 1000:.2f} ms (exact + 'dev7/**')")
     assert len(exact) == 1 and len(under) == TOPICS // 100 and len(everything) == 500
     assert mib < 64 and took < 0.05
+
+
+def test_subscriber_count_is_exact_in_bounded_memory() -> None:
+    from vbus._ledger import SubscriberCount
+
+    count = SubscriberCount(limit=3)
+    for token in (b"a", b"b", b"c", b"d", b"e", b"a"):  # a repeat counts once
+        count.add(token)
+    assert len(count) == 5 and len(count._tokens) == 3  # noqa: SLF001 - the bound itself
+    for token in (b"d", b"a", b"e", b"zz"):  # "zz" was never there: nothing to take
+        count.discard(token)
+    assert len(count) == 2
+    count.discard(b"b")
+    count.discard(b"c")
+    assert len(count) == 0
