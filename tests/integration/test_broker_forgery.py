@@ -148,12 +148,14 @@ def test_forged_control_frames_change_nothing(setup: Setup) -> None:
         ctx.term()
 
 
-def test_client_prefixes_are_exactly_the_topic_start_and_the_two_client_topics() -> None:
+def test_client_prefixes_are_exactly_the_topic_start_and_the_client_topics() -> None:
     """The gate's rule, on bytes: what a client may send, and nothing of the broker's."""
     for frame in (b"a/b\0", b"Z\0", b"0\0", b"_x\0", b"-x\0", b".x\0", b":x\0",
-                  b"$vbus/retain/a\0", b"$vbus/report/00\0"):
+                  b"$vbus/retain/a\0", b"$vbus/report/00\0", b"$vbus/req/a\0",
+                  b"$vbus/reply/0011223344556677/ok\0"):
         assert _control.from_client(frame), frame
     for frame in (_control.READY + b"t\0", _control.WANT + b"t\0**", b"$vbus/stats\0",
                   b"$vbus/stats/x\0", b"$vbus/retai\0", b"$other\0", b"\0", b"", b"/a\0",
-                  b"*\0", b" a\0", b"\x80\0"):
+                  b"*\0", b" a\0", b"\x80\0", b"$vbus/serve/0011223344556677\0",
+                  b"\xfdvbus/serve/a\0"):
         assert not _control.from_client(frame), frame
