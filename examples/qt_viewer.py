@@ -7,6 +7,7 @@ forwarded to the camera with ``vbus.qt.forward``. See docs/qt.md.
 
     pip install 'vbus[qt,numpy]'
     python examples/qt_viewer.py [--duration SECONDS]
+    QT_API=pyqt6 python examples/qt_viewer.py        # on PyQt6 (through qtpy)
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ def main() -> int:
     args = parser.parse_args()
     try:
         from vbus._demo_gui import run_gui_demo
-    except ImportError as exc:  # PySide6 or numpy missing, or a PySide6 that cannot work here
+    except ImportError as exc:  # no Qt binding or numpy, or a PySide6 that cannot work here
         print(f"qt_viewer: {exc}", file=sys.stderr)
         return 1
     return run_gui_demo(duration=args.duration)

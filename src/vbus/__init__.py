@@ -4,11 +4,21 @@ An embedded broker by default, twin sync and asyncio APIs, callbacks on a manage
 loop, delivery without sleeps, losses counted, and a shutdown that never hangs.
 """
 
-from ._bus import Bus, BusStats, connect
+from ._bus import Bus, BusStats, Handle, connect
 from ._endpoints import AddressError
-from ._errors import Closed, ConnectError, DecodeError, EncodeError, TopicError, VbusError
+from ._errors import (
+    Closed,
+    ConnectError,
+    DecodeError,
+    EncodeError,
+    NoResponder,
+    RemoteError,
+    TopicError,
+    VbusError,
+)
 from ._message import Message
 from ._publisher import AsyncPublisher, Publisher, PublisherStats
+from ._requests import RequestStats, Server
 from ._security import (
     Keypair,
     SecurityError,
@@ -30,11 +40,16 @@ __all__ = [
     "ConnectError",
     "DecodeError",
     "EncodeError",
+    "Handle",
     "Keypair",
     "Message",
+    "NoResponder",
     "Publisher",
     "PublisherStats",
+    "RemoteError",
+    "RequestStats",
     "SecurityError",
+    "Server",
     "Subscriber",
     "SubscriberStats",
     "TopicError",

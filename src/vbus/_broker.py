@@ -67,17 +67,18 @@ class Broker:
 
     def __init__(self, context: zmq.Context[zmq.Socket[bytes]], binds: Sequence[str] = (),
                  *, hwm: int = 1000, max_message_size: int = MAX_MESSAGE_SIZE,
-                 max_queue_bytes: int = _limits.DEFAULT_MAX_QUEUE_BYTES,
+                 max_queue_bytes: int | None = None,
                  security: ServerSecurity | None = None) -> None:
         """``hwm`` and ``max_queue_bytes`` bound the intake queue and each subscriber's
-        queue (``_limits.socket_hwm`` turns them into one message count); ``max_message_size``
-        bounds one frame from a network publisher."""
+        queue, as one message count (``_limits.effective_hwm``: ``hwm`` alone is taken as
+        it is; with ``max_queue_bytes`` it is lowered to fit that many bytes of chunk-sized
+        messages); ``max_message_size`` bounds one frame from a network publisher."""
         if max_message_size < 1:
             raise ValueError(f"max_message_size must be positive, not {max_message_size}")
         self.id = secrets.token_hex(4)
         self._context = context
         self._security = security
-        self._hwm = _limits.socket_hwm(hwm, max_queue_bytes, queues=2)
+        self._hwm = _limits.effective_hwm(hwm, max_queue_bytes, queues=2)
         self._max_message_size = max_message_size
         self.inproc = parse_address(f"inproc://vbus-{self.id}")
         self._control = f"inproc://vbus-{self.id}.control"
@@ -220,12 +221,15 @@ class Broker:
                  endpoint: str | None = None) -> list[bytes] | None:
         try:
             req = self._context.socket(zmq.REQ)
-        except zmq.ZMQError:  # out of file descriptors, say: no answer this time
-            return None
+        except zmq.ZMQError:
+            return None  # the context has ended (so has the forwarder), or no fd is free
         try:
-            req.linger = 0
+            # TERMINATE must not be dropped by the close below: it lingers (briefly).
+            req.linger = 100 if command == b"TERMINATE" else 0
             req.connect(endpoint or self._control)
-            req.send(command)
+            if not req.poll(int(timeout * 1000) + 10, zmq.POLLOUT):
+                return None  # nobody at the control socket: the forwarder has gone
+            req.send(command, zmq.NOBLOCK)
             if command == b"TERMINATE" or not req.poll(int(timeout * 1000)):
                 return None
             return req.recv_multipart()
@@ -245,9 +249,12 @@ class Broker:
     # -- shutdown ---------------------------------------------------------------------------
     def stop(self, deadline: Deadline) -> list[str]:
         """Stop both threads; return the names of those that did not end in time."""
-        if self._gate is not None and self._gate.is_alive():
-            self._request(b"TERMINATE", 0, self._gate_control)
-        if self._proxy.is_alive():
+        if not getattr(self, "_terminating", False):
+            self._terminating = True  # once: a second request could find nobody to take it
+            if self._gate is not None and self._gate.is_alive():
+                self._request(b"TERMINATE", 0, self._gate_control)
+        if self._proxy.is_alive() and not getattr(self, "_proxy_terminating", False):
+            self._proxy_terminating = True
             self._request(b"TERMINATE", 0)
         service = getattr(self, "service", None)
         if service is not None:

@@ -1,32 +1,51 @@
-"""The Bus: owns a ZeroMQ context, an optional embedded broker, the publishers and subscribers
-made from it, the background loop and the callback threads, and shuts them all down in order.
+"""The Bus: a thin facade over a _Core that owns everything the bus made — the ZeroMQ context,
+an optional embedded broker, the publishers and subscribers, the background loop and the
+callback threads — and shuts them all down in order (``_Core.shutdown``, the one place).
+
+Nothing the bus starts holds a reference to the Bus itself, only to its core: a Bus that is
+dropped without close() (or never reached its caller, because Ctrl-C landed just as Bus()
+returned) is collected, and its finalizer closes the core. The cores still open are closed at
+interpreter exit, before Python waits for non-daemon threads, so a program that forgets
+close() exits promptly. After ``os.fork()``, the child's cores are marked dead without
+touching a socket: every call raises Closed.
 """
 
 from __future__ import annotations
 
 import atexit
 import concurrent.futures
+import contextlib
 import enum
 import inspect
 import logging
+import os
 import threading
 import weakref
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from typing import Any, TypeVar, overload
 
 import msgspec
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from . import _control
+from . import _control, _requests
 from ._broker import MAX_MESSAGE_SIZE, Broker
-from ._control import Report, report_frame
-from ._endpoints import AddressError, is_loopback, parse_address
+from ._context import ContextKeeper
+from ._endpoints import AddressError, Endpoints, is_loopback, parse_address
 from ._errors import Closed, ConnectError, VbusError
 from ._flusher import Flusher
+from ._limits import DEFAULT_MAX_QUEUE_BYTES, effective_hwm
 from ._loop import BackgroundLoop
 from ._message import Message
-from ._publisher import LINGER, AsyncPublisher, Publisher, PublisherStats, connect_publisher
+from ._publisher import (
+    LINGER,
+    AsyncPublisher,
+    Publisher,
+    PublisherStats,
+    connect_publisher,
+    new_outbox,
+)
+from ._requests import RequestStats
 from ._security import (
     Authorized,
     ClientSecurity,
@@ -41,19 +60,20 @@ from ._subscriber import (
     SubscriberStats,
     connect_subscriber,
 )
-from ._threads import Deadline, block_signals, join
+from ._threads import Deadline, block_signals, build_uninterrupted, join, signals_deferred
 from ._topics import compile_pattern
+from ._waker import Waker
 
 log = logging.getLogger("vbus")
 
 T = TypeVar("T")
 Callback = Callable[[Message], Any]
-C = TypeVar("C", bound=Callback)
 S = TypeVar("S", bound=Subscriber)
 
-DEFAULT_HWM = 1000
 DEFAULT_TIMEOUT = 5.0
 BATCH_DELAY = 0.0005
+EXIT_CLOSE_TIMEOUT = 1.0
+_START_TIMEOUT = 10.0
 
 
 class BusStats(msgspec.Struct, frozen=True):
@@ -70,40 +90,336 @@ class BusStats(msgspec.Struct, frozen=True):
     dropped: int
     per_subscriber: tuple[SubscriberStats, ...]
     per_publisher: tuple[PublisherStats, ...]
+    requests: RequestStats = RequestStats()
 
 
 class _State(enum.Enum):
-    OPEN = "open"
-    CLOSING = "closing"
-    CLOSED = "closed"
+    OPEN = "open"  # in use
+    CLOSING = "closing"  # close() is under way (maybe in another thread)
+    CLOSED = "closed"  # close() has returned; parts that missed its deadline may still end
+    FORKED = "forked"  # this process is a fork's child: the bus is the parent's, never touched
+
+
+class Handle:
+    """A callback subscription made by ``bus.on()``: ``close()`` stops it. Calling the handle
+    calls the callback, so ``@bus.on(...)`` leaves a usable function behind."""
+
+    def __init__(self, callback: Callback, sub: Subscriber) -> None:
+        self.callback = callback
+        self._sub = sub
+
+    @property
+    def pattern(self) -> str:
+        return self._sub.pattern
+
+    @property
+    def closed(self) -> bool:
+        return self._sub.closed
+
+    def stats(self) -> SubscriberStats:
+        return self._sub.stats()
+
+    def close(self, timeout: float = 1.0) -> None:
+        """Stop calling the callback. A call in progress finishes first (up to ``timeout``)."""
+        self._sub.close(timeout)
+
+    def __call__(self, msg: Message) -> Any:
+        return self.callback(msg)
+
+    def __repr__(self) -> str:
+        return f"<vbus.Handle {self.pattern!r} -> {self.callback!r}>"
+
+
+class _Core:
+    """Everything a bus owns, and the shutdown order. Children call back into it through
+    the small Owner protocols of _publisher.py and _subscriber.py."""
+
+    def __init__(self, keeper: ContextKeeper, *, owns_context: bool, hwm: int | None,
+                 timeout: float, batch_delay: float, max_queue_bytes: int | None, chunk: bool,
+                 name: str) -> None:
+        self.keeper = keeper
+        self.context = keeper.context
+        self.owns_context = owns_context
+        self.hwm = hwm
+        self.timeout = timeout
+        self.max_queue_bytes = max_queue_bytes
+        self.chunk = chunk
+        self.name = name
+        self.batch_delay = batch_delay
+        self.flusher = Flusher(f"vbus-flusher-{name}", batch_delay) if batch_delay > 0 else None
+        self.configure: Callable[[zmq.Socket[bytes]], None] | None = None
+        self.lock = threading.RLock()  # re-entrant: close() may run in a signal handler
+        self.state = _State.OPEN
+        self.closer: int | None = None  # the thread inside close()
+        self.closed_event = threading.Event()
+        self.children: set[Publisher | Subscriber] = set()
+        self.callback_threads: list[threading.Thread] = []
+        self.loop: BackgroundLoop | None = None
+        self.reporter: Publisher | None = None
+        self.broker: Broker | None = None
+        self.endpoints: Endpoints | None = None
+        self.inproc_clients: weakref.WeakSet[_Core] = weakref.WeakSet()
+        # Woken when close() begins: handshakes under way (subscribe(), publisher() in other
+        # threads) wait on it too; closed by the last of them once the bus is closed.
+        self.closing = Waker()
+        self.handshakes = 0
+        self.done = False  # everything stopped and joined: nothing left for a second close
+
+    # -- the Owner protocols ------------------------------------------------------------------
+    def _forget(self, child: Any) -> None:
+        with self.lock:
+            self.children.discard(child)
+
+    def _socket_closed(self) -> None:
+        if self.owns_context:
+            self.keeper.socket_closed()
+
+    def _batch_started(self, publisher: Publisher, due: float) -> None:
+        if self.flusher is not None:
+            self.flusher.due(publisher, due)
+
+    def _report(self, reporter_id: bytes, report: _control.Report) -> None:
+        """Send a subscriber's counters to the broker's $vbus/stats. Best effort."""
+        with self.lock:
+            if self.state is not _State.OPEN or self.endpoints is None:
+                return
+            reporter = self.reporter
+        try:
+            if reporter is None:
+                # No readiness wait: this runs in receiving threads and on the loop, where it
+                # must not block. A report sent before the broker took us is simply skipped.
+                sock = self.context.socket(zmq.XPUB)
+                sock.linger = 0
+                if self.configure is not None:
+                    self.configure(sock)
+                sock.connect(self.endpoints.publish)
+                with self.lock:
+                    if self.reporter is None and self.state is _State.OPEN:
+                        self.reporter = Publisher(sock, self.new_outbox(0.0), owner=self)
+                    else:
+                        sock.close(0)
+                    reporter = self.reporter
+            if reporter is not None:
+                reporter._send_control(_control.report_frame(reporter_id, report))
+        except (VbusError, zmq.ZMQError) as exc:
+            log.debug("vbus: could not report counters: %s", exc)
+
+    # -- making children ----------------------------------------------------------------------
+    def check_open(self) -> None:
+        if self.state is not _State.OPEN:
+            raise Closed("the bus is closed" if self.state is not _State.FORKED else
+                         "the bus belongs to the parent process (fork)")
+
+    def adopt(self, child: Any) -> Any:
+        with self.lock:
+            if self.state is _State.OPEN:
+                self.children.add(child)
+                return child
+        if isinstance(child, Subscriber):
+            child.close(0)
+        else:
+            child._close(0.0, 0.0)
+        raise Closed("the bus was closed")
+
+    @contextlib.contextmanager
+    def handshake(self) -> Iterator[Waker]:
+        """Around a readiness wait: the waker close() fires, kept open while it is used."""
+        with self.lock:
+            self.check_open()
+            self.handshakes += 1
+        try:
+            yield self.closing
+        finally:
+            with self.lock:
+                self.handshakes -= 1
+                if not self.handshakes and self.state is not _State.OPEN:
+                    self.closing.close()
+
+    def new_outbox(self, batch_delay: float | None = None) -> Any:
+        return new_outbox(
+            batch_delay=self.batch_delay if batch_delay is None else batch_delay,
+            chunk=self.chunk,
+            inflight_limit=self.max_queue_bytes or DEFAULT_MAX_QUEUE_BYTES,
+        )
+
+    def publisher(self, cls: type[Publisher]) -> Any:
+        self.check_open()
+        assert self.endpoints is not None
+        with self.handshake() as closing:
+            sock = connect_publisher(self.context, self.endpoints.publish, self.timeout,
+                                     effective_hwm(self.hwm, self.max_queue_bytes),
+                                     self.configure, closing)
+        linger = LINGER if self.endpoints.is_network else 0.0
+        return self.adopt(cls(sock, self.new_outbox(), owner=self, linger=linger))
+
+    def subscribe(self, cls: type[S], pattern: str, type: Any, hwm: int | None,
+                  on_loss: LossHook | None, max_queue_bytes: int | None) -> S:
+        compiled = compile_pattern(pattern)
+        if hwm is not None and hwm < 1:
+            raise ValueError(f"hwm must be at least 1, not {hwm}")
+        budget = self.max_queue_bytes if max_queue_bytes is None else max_queue_bytes
+        queue = effective_hwm(self.hwm if hwm is None else hwm, budget)  # validates both
+        self.check_open()
+        assert self.endpoints is not None
+        with self.handshake() as closing:
+            sock, inbox = connect_subscriber(
+                self.context, self.endpoints.subscribe, compiled, timeout=self.timeout,
+                hwm=queue, type=type, max_assembly_bytes=budget or DEFAULT_MAX_QUEUE_BYTES,
+                configure=self.configure, closing=closing,
+            )
+        try:
+            sub: S = cls(sock, inbox, on_loss=on_loss, owner=self)
+        except BaseException:
+            sock.close(0)
+            raise
+        return self.adopt(sub)  # type: ignore[no-any-return]
+
+    def ensure_loop(self) -> BackgroundLoop:
+        with self.lock:
+            self.check_open()
+            if self.loop is None:
+                self.loop = BackgroundLoop(name=f"vbus-loop-{self.name}")
+            return self.loop
+
+    def in_own_thread(self) -> bool:
+        current = threading.current_thread()
+        loop = self.loop
+        return (current in self.callback_threads or (loop is not None and loop.in_loop_thread)
+                or _requests.in_own_thread(self))
+
+    # -- shutdown -----------------------------------------------------------------------------
+    def close(self, timeout: float) -> None:
+        deadline = Deadline(timeout)
+        me = threading.get_ident()
+        with self.lock:
+            if self.state is _State.FORKED or self.closer == me:
+                return  # the parent's bus; or a signal handler interrupting our own close()
+            first = self.state is _State.OPEN
+            if first:
+                self.state = _State.CLOSING
+            elif self.done:
+                return
+            self.closer = me
+        try:
+            if not first and self.in_own_thread():
+                return
+            stuck = self.shutdown(deadline)
+        finally:
+            with self.lock:
+                self.closer = None
+                if self.state is _State.CLOSING:
+                    self.state = _State.CLOSED
+            self.closed_event.set()
+        if not stuck:
+            if not self.in_own_thread():  # else our own thread is left to join, later
+                self.done = True
+                _unregister(self)
+        elif timeout >= 0.1:
+            log.warning("vbus: close() went on past %s; they finish on their own",
+                        ", ".join(stuck))
+        else:
+            log.debug("vbus: close(timeout=%g) left %s to finish on their own", timeout,
+                      ", ".join(stuck))
+
+    def shutdown(self, deadline: Deadline) -> list[str]:
+        """The shutdown order, in one place. Every step is idempotent and bounded by the
+        deadline; a step that cannot finish in time is named and left to finish on its own
+        (a later close() joins what is left), so the next step still gets its turn."""
+        stuck: list[str] = []
+        self.closing.wake()  # 0. handshakes under way in other threads end with Closed
+        # 1. clients sharing our context (vbus.connect to our inproc address)
+        for client in list(self.inproc_clients):
+            client.close(deadline.remaining() or 0.0)
+            if not client.done:
+                stuck.append(f"client {client.name}")
+        # 1b. request/reply: requests in flight woken with Closed, handlers in flight finish
+        stuck += _requests.close_requests(self, deadline)
+        # 2. publishers (each closes its socket under its lock, or has the thread inside it
+        #    do so), then subscribers (each wakes its receiver, which closes its socket)
+        with self.lock:
+            children = sorted(self.children, key=lambda c: isinstance(c, Subscriber))
+            if self.reporter is not None:
+                children.insert(0, self.reporter)
+        for child in children:
+            if isinstance(child, Subscriber):
+                child.close(timeout=deadline.share(0.5).remaining() or 0.0)
+            elif not child._close(min(LINGER, (deadline.remaining() or 0.0) / 4),
+                                  deadline.remaining() or 0.0):
+                stuck.append(f"publisher {child.id}")
+        # 3. the background loop (cancels async callbacks and submitted coroutines) and the
+        #    callback threads, joined unless we are one of them; a stuck user callback may
+        #    not eat the time the broker needs
+        stuck += self._join_threads(deadline.share(0.8))
+        if self.flusher is not None and not self.flusher.stop(deadline):
+            stuck.append(self.flusher.name)
+        # 4. the broker: forwarder terminated through its control socket, threads joined
+        if self.broker is not None:
+            stuck += self.broker.stop(deadline)
+            if self.endpoints is not None:
+                _INPROC_OWNERS.pop(self.endpoints.address, None)
+        with self.lock:
+            if not self.handshakes:
+                self.closing.close()  # else the last handshake closes it
+        # 5. the context: ended now if no socket is open, else by whoever closes the last
+        if self.owns_context and not self.keeper.release():
+            stuck.append(f"{self.keeper.open_sockets()} socket(s) still in use")
+        return stuck
+
+    def _join_threads(self, deadline: Deadline) -> list[str]:
+        stuck: list[str] = []
+        loop = self.loop
+        if loop is not None and not loop.stop(deadline) and not loop.in_loop_thread:
+            stuck.append(loop.thread.name)
+        for thread in self.callback_threads:
+            if not join(thread, deadline):
+                stuck.append(thread.name)
+        return stuck
+
+    def after_fork(self) -> None:
+        """In the child: the parent's bus. Mark everything dead, touch no socket."""
+        self.state = _State.FORKED
+        self.done = True
+        self.keeper.forked()
+        self.lock = threading.RLock()  # the parent's lock may have been held at fork
+        for child in list(self.children) + ([self.reporter] if self.reporter else []):
+            child._mark_dead()
+        self.closed_event.set()
 
 
 class Bus:
     """A message bus. ``Bus()`` embeds a broker in this process; ``bind=`` also makes it
     reachable over ``ipc://`` or ``tcp://``. Use ``vbus.connect()`` for a broker elsewhere."""
 
+    _core: _Core
+    _address: str
+
     def __init__(
         self,
         bind: str | Sequence[str] | None = None,
         *,
-        hwm: int = DEFAULT_HWM,
+        hwm: int | None = None,
         timeout: float = DEFAULT_TIMEOUT,
         max_message_size: int = MAX_MESSAGE_SIZE,
         keypair: Keypair | None = None,
         authorized: Authorized | None = None,
         batch_delay: float = BATCH_DELAY,
+        max_queue_bytes: int | None = None,
     ) -> None:
         """``hwm``: queue bound, in ZeroMQ messages (a batch of small messages is one), of
         each publisher, of the broker's intake, and of each subscriber unless it sets its
-        own. ``timeout``: how long readiness handshakes may take. ``max_message_size``
-        (bytes): the largest frame a network peer may send the broker; a peer that sends
-        more is disconnected. In-process traffic has no such limit. ``keypair`` and
-        ``authorized`` (public keys, or a directory of ``*.pub`` files) make every network
-        endpoint speak CURVE and admit only those keys. ``batch_delay`` (seconds) bounds how
-        long a publisher in a burst may hold a message to send it with others; 0 disables
+        own. ``max_queue_bytes`` (bytes, default 256 MiB) bounds what a stalled subscriber
+        can make each process hold, whatever the message size: by default the count (1000)
+        is lowered to fit it; an ``hwm`` given alone is taken as it is, for queues of many
+        small messages. ``timeout``: how long readiness handshakes
+        may take. ``max_message_size`` (bytes): the largest frame a network peer may send
+        the broker; a peer that sends more is disconnected. ``keypair`` and ``authorized``
+        (public keys, or a directory of ``*.pub`` files) make every network endpoint speak
+        CURVE and admit only those keys. ``batch_delay`` (seconds) bounds how long a
+        publisher in a burst may hold a message to send it with others; 0 disables
         batching."""
         if max_message_size < 1:
             raise ValueError(f"max_message_size must be positive, not {max_message_size}")
+        _check_options(hwm, timeout, batch_delay, max_queue_bytes)
         security = server_security(keypair, authorized)
         binds = [bind] if isinstance(bind, str) else list(bind or ())
         for b in binds:
@@ -113,76 +429,63 @@ class Bus:
             if security is None and not is_loopback(endpoints):
                 log.warning("vbus: %s is open to the network without keys: anyone who can "
                             "reach it can read and publish (see docs/security.md)", b)
-        self._setup(hwm, timeout, zmq.Context(), owns_context=True, batch_delay=batch_delay)
+        keeper = ContextKeeper()
+        core = _Core(keeper, owns_context=True, hwm=hwm, timeout=timeout,
+                     batch_delay=batch_delay, max_queue_bytes=max_queue_bytes,
+                     chunk=bool(binds), name=f"{id(keeper):x}")
         try:
-            self._broker: Broker | None = Broker(
-                self._context, binds, hwm=hwm, max_message_size=max_message_size,
-                security=security,
+            # On a thread of its own: Ctrl-C cannot leave a broker half-started, and one
+            # that started anyway is in core.broker for the cleanup below to stop.
+            build_uninterrupted(
+                lambda: Broker(core.context, binds, hwm=effective_hwm(hwm, max_queue_bytes, 2),
+                               max_message_size=max_message_size, security=security),
+                lambda broker: setattr(core, "broker", broker),
+                "the broker", _START_TIMEOUT,
             )
+            broker = core.broker
+            assert broker is not None
+            core.endpoints = broker.inproc
+            network = broker.endpoints
+            self._address = network[0].address if network else broker.inproc.address
+            _INPROC_OWNERS[broker.inproc.address] = core
+            self._core = core
+            _register(self, core)
         except BaseException:
-            self._context.term()
+            core.close(1.0)
             raise
-        self._endpoints = self._broker.inproc
-        network = self._broker.endpoints
-        self._address = network[0].address if network else self._broker.inproc.address
-        _INPROC_OWNERS[self._broker.inproc.address] = self
-        _register(self)
 
     @classmethod
-    def _client(cls, address: str, timeout: float, hwm: int,
-                security: ClientSecurity | None = None,
-                batch_delay: float = BATCH_DELAY) -> Bus:
+    def _client(cls, address: str, timeout: float, hwm: int | None,
+                security: ClientSecurity | None = None, batch_delay: float = BATCH_DELAY,
+                max_queue_bytes: int | None = None) -> Bus:
+        _check_options(hwm, timeout, batch_delay, max_queue_bytes)
         endpoints = parse_address(address)
         if endpoints.address.endswith(":0"):
             raise AddressError(f"connect {address!r}: port 0 is only for bind")
         owner = _INPROC_OWNERS.get(endpoints.address) if not endpoints.is_network else None
-        if not endpoints.is_network and (owner is None or owner.closed):
+        if not endpoints.is_network and (owner is None or owner.state is not _State.OPEN):
             raise ConnectError(f"no vbus broker at {address} in this process")
-        self = cls.__new__(cls)
-        context = owner._context if owner is not None else zmq.Context()
-        self._setup(hwm, timeout, context, owns_context=owner is None, batch_delay=batch_delay)
-        self._broker = None
-        self._endpoints = endpoints
-        self._address = endpoints.address
-        self._configure = security.apply if security is not None and owner is None else None
+        keeper = owner.keeper if owner is not None else ContextKeeper()
+        core = _Core(keeper, owns_context=owner is None, hwm=hwm, timeout=timeout,
+                     batch_delay=batch_delay, max_queue_bytes=max_queue_bytes,
+                     chunk=endpoints.is_network or (owner is not None and owner.chunk),
+                     name=f"client-{id(keeper):x}-{endpoints.address}")
+        core.endpoints = endpoints
+        core.configure = security.apply if security is not None and owner is None else None
         try:
-            failure = _probe(context, endpoints.publish, timeout, self._configure)
+            failure = _probe(core.context, endpoints.publish, timeout, core.configure)
+            if failure is not None:
+                raise ConnectError(failure.format(address=address, timeout=timeout))
+            self = cls.__new__(cls)
+            self._core = core
+            self._address = endpoints.address
+            if owner is not None:
+                owner.inproc_clients.add(core)
+            _register(self, core)
+            return self
         except BaseException:
-            self._terminate_context(Deadline(1.0))
+            core.close(1.0)
             raise
-        if failure is not None:
-            self._terminate_context(Deadline(1.0))
-            raise ConnectError(failure.format(address=address, timeout=timeout))
-        if owner is not None:
-            owner._inproc_clients.add(self)
-        _register(self)
-        return self
-
-    def _setup(self, hwm: int, timeout: float, context: zmq.Context[zmq.Socket[bytes]],
-               *, owns_context: bool, batch_delay: float) -> None:
-        if hwm < 1:
-            raise ValueError(f"hwm must be at least 1, not {hwm}")
-        if not 0 <= batch_delay <= 1.0:
-            raise ValueError(f"batch_delay must be between 0 and 1 s, not {batch_delay}")
-        self._flusher = (
-            Flusher(f"vbus-flusher-{id(self):x}", batch_delay) if batch_delay > 0 else None
-        )
-        if timeout <= 0:
-            raise ValueError(f"timeout must be positive, not {timeout}")
-        self._hwm = hwm
-        self._timeout = timeout
-        self._configure: Callable[[zmq.Socket[bytes]], None] | None = None
-        self._context = context
-        self._owns_context = owns_context
-        self._lock = threading.Lock()
-        self._state = _State.OPEN
-        self._closed_event = threading.Event()
-        self._children: set[Publisher | Subscriber] = set()
-        self._callback_threads: list[threading.Thread] = []
-        self._loop: BackgroundLoop | None = None
-        self._reporter: Publisher | None = None
-        self._terminator: threading.Thread | None = None
-        self._inproc_clients: weakref.WeakSet[Bus] = weakref.WeakSet()
 
     # -- properties -------------------------------------------------------------------------
     @property
@@ -191,70 +494,31 @@ class Bus:
         return self._address
 
     @property
+    def addresses(self) -> tuple[str, ...]:
+        """Every address this bus is reachable at: each bound one, then in-process."""
+        broker = self._core.broker
+        if broker is None:
+            return (self._address,)
+        return (*(e.address for e in broker.endpoints), broker.inproc.address)
+
+    @property
     def closed(self) -> bool:
-        return self._state is not _State.OPEN
+        return self._core.state is not _State.OPEN
 
-    def _closing(self) -> bool:
-        return self._state is not _State.OPEN
-
-    def _check_open(self) -> None:
-        if self._state is not _State.OPEN:
-            raise Closed("the bus is closed")
-
-    def _adopt(self, child: Any) -> Any:
-        with self._lock:
-            if self._state is _State.OPEN:
-                self._children.add(child)
-                return child
-        child.close()
-        raise Closed("the bus was closed")
-
-    def _forget(self, child: Publisher | Subscriber) -> None:
-        with self._lock:
-            self._children.discard(child)
+    @property
+    def _broker(self) -> Broker | None:
+        return self._core.broker
 
     # -- publishing -------------------------------------------------------------------------
     def publisher(self) -> Publisher:
         """A thread-safe publisher, returned once the broker accepts its messages."""
-        pub: Publisher = self._publisher(Publisher)
+        pub: Publisher = self._core.publisher(Publisher)
         return pub
 
     def async_publisher(self) -> AsyncPublisher:
         """An asyncio publisher, returned once the broker accepts its messages."""
-        pub: AsyncPublisher = self._publisher(AsyncPublisher)
+        pub: AsyncPublisher = self._core.publisher(AsyncPublisher)
         return pub
-
-    def _publisher(self, cls: type[Publisher]) -> Any:
-        self._check_open()
-        sock = connect_publisher(self._context, self._endpoints.publish, self._timeout,
-                                 self._hwm, self._configure)
-        return self._adopt(cls(sock, owner=self, flusher=self._flusher))
-
-    def _report(self, reporter_id: bytes, report: Report) -> None:
-        """Send a subscriber's counters to the broker's $vbus/stats. Best effort."""
-        with self._lock:
-            if self._state is not _State.OPEN:
-                return
-            reporter = self._reporter
-        try:
-            if reporter is None:
-                # No readiness wait: this runs in receiving threads and on the loop, where it
-                # must not block. A report sent before the broker took us is simply skipped.
-                sock = self._context.socket(zmq.XPUB)
-                sock.linger = 0
-                if self._configure is not None:
-                    self._configure(sock)
-                sock.connect(self._endpoints.publish)
-                with self._lock:
-                    if self._reporter is None and self._state is _State.OPEN:
-                        self._reporter = Publisher(sock)
-                    else:
-                        sock.close(0)
-                    reporter = self._reporter
-            if reporter is not None:
-                reporter._send_control(report_frame(reporter_id, report))
-        except (VbusError, zmq.ZMQError) as exc:
-            log.debug("vbus: could not report counters: %s", exc)
 
     # -- subscribing ------------------------------------------------------------------------
     def subscribe(
@@ -264,13 +528,15 @@ class Bus:
         type: Any = None,
         hwm: int | None = None,
         on_loss: LossHook | None = None,
+        max_queue_bytes: int | None = None,
     ) -> Subscriber:
         """A sync subscriber, returned once its subscription is active at the broker.
 
-        ``type`` decodes and validates payloads into it; ``hwm`` bounds its queue (messages);
+        ``type`` decodes and validates payloads into it; ``hwm`` bounds its queue (messages)
+        and ``max_queue_bytes`` (bytes; default: the bus's) what it may hold queued;
         ``on_loss(topic, sender, count)`` is called in the receiving thread for every gap.
         """
-        return self._subscribe(Subscriber, pattern, type, hwm, on_loss)
+        return self._core.subscribe(Subscriber, pattern, type, hwm, on_loss, max_queue_bytes)
 
     def async_subscribe(
         self,
@@ -279,32 +545,19 @@ class Bus:
         type: Any = None,
         hwm: int | None = None,
         on_loss: LossHook | None = None,
+        max_queue_bytes: int | None = None,
     ) -> AsyncSubscriber:
         """An asyncio subscriber, returned once its subscription is active at the broker.
         The options are those of ``subscribe``."""
-        return self._subscribe(AsyncSubscriber, pattern, type, hwm, on_loss)
-
-    def _subscribe(self, cls: type[S], pattern: str, type: Any, hwm: int | None,
-                   on_loss: LossHook | None = None) -> S:
-        compiled = compile_pattern(pattern)
-        if hwm is not None and hwm < 1:
-            raise ValueError(f"hwm must be at least 1, not {hwm}")
-        self._check_open()
-        sock, ready, early = connect_subscriber(
-            self._context, self._endpoints.subscribe, compiled,
-            timeout=self._timeout, hwm=hwm or self._hwm, configure=self._configure,
-        )
-        sub: S = self._adopt(
-            cls(sock, compiled, ready, early, type=type, on_loss=on_loss, owner=self)
-        )
-        return sub
+        return self._core.subscribe(AsyncSubscriber, pattern, type, hwm, on_loss,
+                                    max_queue_bytes)
 
     @overload
     def on(self, pattern: str, *, type: Any = None, hwm: int | None = None,
-           on_loss: LossHook | None = None) -> Callable[[C], C]: ...
+           on_loss: LossHook | None = None) -> Callable[[Callback], Handle]: ...
     @overload
-    def on(self, pattern: str, callback: C, *, type: Any = None, hwm: int | None = None,
-           on_loss: LossHook | None = None) -> C: ...
+    def on(self, pattern: str, callback: Callback, *, type: Any = None,
+           hwm: int | None = None, on_loss: LossHook | None = None) -> Handle: ...
 
     def on(self, pattern: str, callback: Any = None, *, type: Any = None,
            hwm: int | None = None, on_loss: LossHook | None = None) -> Any:
@@ -312,53 +565,77 @@ class Bus:
 
         Async callbacks run on the bus's background loop; sync callbacks on a thread of their
         own each, so a slow one stalls only itself. Either way in order, per subscription. An
-        exception is logged and counted, and the subscription goes on. Returns once the
-        subscription is active. The options are those of ``subscribe``.
+        exception is logged and counted, and the subscription goes on. Returns, once the
+        subscription is active, a Handle whose ``close()`` stops it (calling the handle calls
+        the callback). A sync callback stuck in its own code does not keep the process alive
+        after close() or at exit. The options are those of ``subscribe``.
         """
         compile_pattern(pattern)
 
-        def decorator(fn: C) -> C:
-            self._start_callback(pattern, fn, type, hwm, on_loss)
-            return fn
+        def decorator(fn: Callback) -> Handle:
+            return self._start_callback(pattern, fn, type, hwm, on_loss)
 
         return decorator if callback is None else decorator(callback)
 
     def _start_callback(self, pattern: str, callback: Callback, type: Any, hwm: int | None,
-                        on_loss: LossHook | None) -> None:
+                        on_loss: LossHook | None) -> Handle:
         if not callable(callback):
             raise TypeError(f"callback must be callable, not {callback!r}")
+        core = self._core
         if _is_async(callback):
-            asub = self._subscribe(AsyncSubscriber, pattern, type, hwm, on_loss)
+            asub = core.subscribe(AsyncSubscriber, pattern, type, hwm, on_loss, None)
             try:
-                self._ensure_loop().submit(_run_async_callback(asub, callback, self._closing))
+                core.ensure_loop().submit(_run_async_callback(asub, callback, core))
             except BaseException:
                 asub.close()
                 raise
-            return
-        sub = self._subscribe(Subscriber, pattern, type, hwm, on_loss)
-        thread = threading.Thread(
-            target=_run_sync_callback, args=(sub, callback, self._closing),
-            name=f"vbus-callback-{pattern}",
-        )
-        with self._lock:
-            self._callback_threads.append(thread)
-        thread.start()
+            return Handle(callback, asub)
+        sub = core.subscribe(Subscriber, pattern, type, hwm, on_loss, None)
+        try:
+            # A daemon: user code stuck in the callback must not keep the process alive.
+            # close() still joins it (within its timeout).
+            thread = threading.Thread(
+                target=_run_sync_callback, args=(sub, callback, core),
+                name=f"vbus-callback-{pattern}", daemon=True,
+            )
+            with core.lock:
+                core.check_open()
+                core.callback_threads.append(thread)
+            thread.start()
+        except BaseException:
+            sub.close(0)
+            raise
+        return Handle(callback, sub)
+
+    # -- request/reply (vbus._requests) ------------------------------------------------------
+    @overload
+    def serve(self, topic: str) -> Callable[[Callable[[Message], Any]], _requests.Server]: ...
+    @overload
+    def serve(self, topic: str, handler: Callable[[Message], Any]) -> _requests.Server: ...
+
+    def serve(self, topic: str, handler: Callable[[Message], Any] | None = None) -> Any:
+        """Serve requests on ``topic``: ``handler(msg)`` (sync, on a thread of its own, or
+        async, on the bus's loop) returns the reply. Usable as a decorator. Returns a Server
+        handle once the broker routes the topic's requests to it; ``close()`` stops it.
+        Several servers of a topic share its requests, round-robin."""
+        return _requests.serve(self, topic, handler)
+
+    def request(self, topic: str, data: Any, timeout: float = 5.0) -> Message:
+        """Send ``data`` to one server of ``topic``; its reply. NoResponder at once if nobody
+        serves it, TimeoutError after ``timeout``, RemoteError if the handler raised."""
+        return _requests.request(self, topic, data, timeout)
+
+    async def async_request(self, topic: str, data: Any, timeout: float = 5.0) -> Message:
+        """The asyncio twin of ``request``."""
+        return await _requests.async_request(self, topic, data, timeout)
 
     # -- the background loop ----------------------------------------------------------------
-    def _ensure_loop(self) -> BackgroundLoop:
-        with self._lock:
-            if self._state is not _State.OPEN:
-                raise Closed("the bus is closed")
-            if self._loop is None:
-                self._loop = BackgroundLoop(name=f"vbus-loop-{id(self):x}")
-            return self._loop
-
     def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
         """Run ``coro`` on the bus's background loop; cancelled when the bus closes."""
         if not inspect.iscoroutine(coro):
             raise TypeError(f"submit() takes a coroutine, not {coro!r}")
         try:
-            loop = self._ensure_loop()
+            loop = self._core.ensure_loop()
         except Closed:
             coro.close()
             raise
@@ -366,11 +643,13 @@ class Bus:
 
     # -- stats ------------------------------------------------------------------------------
     def stats(self) -> BusStats:
-        with self._lock:
-            children = list(self._children)
+        core = self._core
+        with core.lock:
+            children = list(core.children)
         subs = tuple(c.stats() for c in children if isinstance(c, Subscriber))
-        pubs = tuple(c.stats() for c in children if isinstance(c, Publisher))
-        broker = self._broker
+        pubs = tuple(c.stats() for c in children
+                     if isinstance(c, Publisher) and c is not core.reporter)
+        broker = core.broker
         b = broker.stats() if broker is not None and not self.closed else None
         return BusStats(
             messages_in=b.messages_in if b else 0,
@@ -382,99 +661,21 @@ class Bus:
             dropped=sum(s.dropped for s in subs) + sum(p.dropped for p in pubs),
             per_subscriber=subs,
             per_publisher=pubs,
+            requests=_requests.request_stats(self),
         )
 
     # -- shutdown ---------------------------------------------------------------------------
     def close(self, timeout: float = 5.0) -> None:
         """Stop everything the bus made and return within ``timeout``, from any thread.
 
-        Idempotent. Called from one of the bus's own threads (a callback), it shuts down
-        everything but that thread, which ends as soon as the callback returns. A part that
-        does not stop in time is named in a warning and left behind; a later ``close()``
-        from elsewhere finishes the job (joins what is left).
+        Idempotent, and safe from a signal handler. Called from one of the bus's own
+        threads (a callback), it shuts down everything but that thread, which ends as soon
+        as the callback returns. A part that does not stop in time (a receiver that has not
+        run since, a stuck callback) is left to finish on its own: it closes its socket when
+        it next runs, and the context ends after the last socket. A later ``close()`` joins
+        what is left.
         """
-        deadline = Deadline(timeout)
-        with self._lock:
-            first = self._state is _State.OPEN
-            if first:
-                self._state = _State.CLOSING
-        if not first:
-            if self._in_own_thread():
-                return
-            self._closed_event.wait(deadline.remaining())
-        try:
-            stuck = self._shutdown(deadline)
-        finally:
-            if first:
-                self._state = _State.CLOSED
-                self._closed_event.set()
-                _unregister(self)
-        if stuck:
-            log.warning("vbus: close() forced past %s", ", ".join(stuck))
-
-    def _shutdown(self, deadline: Deadline) -> list[str]:
-        """The shutdown order, in one place. Every step is idempotent; a step that cannot
-        finish in time is reported and skipped, so the next one still gets its turn."""
-        # 1. clients sharing our context (vbus.connect to our inproc address)
-        for client in list(self._inproc_clients):
-            client.close(deadline.remaining() or 0.0)
-        # 2. publishers, then subscribers: each subscriber wakes its waiter, which closes the
-        #    socket it owns, and waits for that (a sync callback's thread ends with it)
-        with self._lock:
-            children = sorted(self._children, key=lambda c: isinstance(c, Subscriber))
-        if self._reporter is not None:
-            children.insert(0, self._reporter)
-        for child in children:
-            if isinstance(child, Subscriber):
-                child.close(timeout=deadline.remaining() or 0.0)
-            else:
-                child._close(min(LINGER, (deadline.remaining() or 0.0) / 4))
-        # 3. the background loop (cancels async callbacks and submitted coroutines) and the
-        #    callback threads, joined unless we are one of them; a stuck user callback may
-        #    not eat the time the broker and the context need
-        stuck = self._join_threads(deadline.share(0.8))
-        if self._flusher is not None and not self._flusher.stop(deadline):
-            stuck.append(self._flusher.name)
-        # 4. the broker: forwarder terminated through its control socket, threads joined
-        if self._broker is not None:
-            stuck += self._broker.stop(deadline)
-            _INPROC_OWNERS.pop(self._broker.inproc.address, None)
-        # 5. the context, once every socket in it is closed
-        stuck += self._terminate_context(deadline)
-        return stuck
-
-    def _join_threads(self, deadline: Deadline) -> list[str]:
-        stuck: list[str] = []
-        loop = self._loop
-        if loop is not None and not loop.stop(deadline) and not loop.in_loop_thread:
-            stuck.append(loop.thread.name)
-        for thread in self._callback_threads:
-            if not join(thread, deadline):
-                stuck.append(thread.name)
-        return stuck
-
-    def _in_own_thread(self) -> bool:
-        current = threading.current_thread()
-        loop = self._loop
-        return current in self._callback_threads or (loop is not None and loop.in_loop_thread)
-
-    def _terminate_context(self, deadline: Deadline) -> list[str]:
-        ctx = self._context
-        if not self._owns_context or ctx.closed:
-            return []
-        terminator = self._terminator
-        if terminator is None:
-            open_sockets = [s for s in list(getattr(ctx, "_sockets", ())) if not s.closed]
-            if not open_sockets:
-                ctx.term()  # no socket left: returns at once
-                return []
-            # A socket is still open in a thread that did not stop: term() waits for it, so
-            # it runs on a thread of its own that we wait for no longer than the deadline.
-            terminator = self._terminator = threading.Thread(
-                target=ctx.term, name=f"vbus-context-term-{id(self):x}"
-            )
-            terminator.start()
-        return [] if join(terminator, deadline) else [terminator.name]
+        self._core.close(timeout)
 
     def __enter__(self) -> Bus:
         return self
@@ -483,25 +684,37 @@ class Bus:
         self.close()
 
     def __repr__(self) -> str:
-        return f"<vbus.Bus {self._address} {self._state.value}>"
+        return f"<vbus.Bus {self._address} {self._core.state.value}>"
 
 
 def connect(
     address: str,
     timeout: float = DEFAULT_TIMEOUT,
     *,
-    hwm: int = DEFAULT_HWM,
+    hwm: int | None = None,
     keypair: Keypair | None = None,
     server_key: str | None = None,
     batch_delay: float = BATCH_DELAY,
+    max_queue_bytes: int | None = None,
 ) -> Bus:
     """A bus that is a client of the broker at ``address`` (another process or host).
 
     Raises ConnectError naming the address when no broker answers within ``timeout`` or
     the broker refuses us. ``keypair`` and ``server_key`` (the broker's public key) are
-    needed for a broker with CURVE security. ``batch_delay`` as for ``Bus``.
+    needed for a broker with CURVE security. ``batch_delay``, ``hwm`` and
+    ``max_queue_bytes`` as for ``Bus``.
     """
-    return Bus._client(address, timeout, hwm, client_security(keypair, server_key), batch_delay)
+    return Bus._client(address, timeout, hwm, client_security(keypair, server_key),
+                       batch_delay, max_queue_bytes)
+
+
+def _check_options(hwm: int | None, timeout: float, batch_delay: float,
+                   max_queue_bytes: int | None) -> None:
+    if not timeout > 0:
+        raise ValueError(f"timeout must be positive, not {timeout}")
+    if not 0 <= batch_delay <= 1.0:
+        raise ValueError(f"batch_delay must be between 0 and 1 s, not {batch_delay}")
+    effective_hwm(hwm, max_queue_bytes)  # validates both
 
 
 _HANDSHAKE_FAILED = (
@@ -516,32 +729,36 @@ def _probe(context: zmq.Context[zmq.Socket[bytes]], endpoint: str, timeout: floa
     """None if a broker at ``endpoint`` takes a publisher within ``timeout``, else why not
     (a template for ConnectError). A monitor tells a refusal from silence."""
     sock = context.socket(zmq.XPUB)
-    sock.linger = 0
-    monitor = sock.get_monitor_socket(_HANDSHAKE_FAILED)
     try:
-        if configure is not None:
-            configure(sock)
-        sock.connect(endpoint)
-        poller = zmq.Poller()
-        poller.register(sock, zmq.POLLIN)
-        poller.register(monitor, zmq.POLLIN)
-        deadline = Deadline(timeout)
-        while not deadline.expired():
-            events = dict(poller.poll(int((deadline.remaining() or 0.0) * 1000) + 1))
-            if sock in events and _control.is_acceptance(sock.recv()):
-                return None
-            if monitor in events:
-                # A failed handshake is final: ZeroMQ would only fail it again on retry.
-                event = parse_monitor_message(monitor.recv_multipart())["event"]
-                if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-                    return "the broker at {address} refused this client's key (not authorized)"
-                return ("the security handshake with {address} failed: check this client's "
-                        "keys and the broker's public key (does the broker use CURVE keys, "
-                        "and is it this one?)")
-        return "no vbus broker answered at {address} within {timeout:g} s"
+        sock.linger = 0
+        with signals_deferred():  # a monitor half made would outlive its socket
+            monitor = sock.get_monitor_socket(_HANDSHAKE_FAILED)
+        try:
+            if configure is not None:
+                configure(sock)
+            sock.connect(endpoint)
+            poller = zmq.Poller()
+            poller.register(sock, zmq.POLLIN)
+            poller.register(monitor, zmq.POLLIN)
+            deadline = Deadline(timeout)
+            while not deadline.expired():
+                events = dict(poller.poll(int((deadline.remaining() or 0.0) * 1000) + 1))
+                if sock in events and _control.is_acceptance(sock.recv()):
+                    return None
+                if monitor in events:
+                    # A failed handshake is final: ZeroMQ would only fail it again on retry.
+                    event = parse_monitor_message(monitor.recv_multipart())["event"]
+                    if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                        return ("the broker at {address} refused this client's key "
+                                "(not authorized)")
+                    return ("the security handshake with {address} failed: check this "
+                            "client's keys and the broker's public key (does the broker use "
+                            "CURVE keys, and is it this one?)")
+            return "no vbus broker answered at {address} within {timeout:g} s"
+        finally:
+            sock.disable_monitor()
+            monitor.close(0)
     finally:
-        sock.disable_monitor()
-        monitor.close(0)
         sock.close(0)
 
 
@@ -551,15 +768,17 @@ def _is_async(callback: Callback) -> bool:
     )
 
 
-async def _run_async_callback(
-    sub: AsyncSubscriber, callback: Callback, closing: Callable[[], bool]
-) -> None:
+def _closing(core: _Core) -> bool:
+    return core.state is not _State.OPEN
+
+
+async def _run_async_callback(sub: AsyncSubscriber, callback: Callback, core: _Core) -> None:
     try:
         async for msg in sub:
             try:
                 await callback(msg)
             except Closed as exc:
-                if not closing():  # while the bus closes, that is no fault of the callback
+                if not _closing(core):  # while the bus closes, that is no fault of the callback
                     sub._callback_failed(exc)
             except Exception as exc:
                 sub._callback_failed(exc)
@@ -567,16 +786,14 @@ async def _run_async_callback(
         sub.close()
 
 
-def _run_sync_callback(
-    sub: Subscriber, callback: Callback, closing: Callable[[], bool]
-) -> None:
+def _run_sync_callback(sub: Subscriber, callback: Callback, core: _Core) -> None:
     block_signals()
     try:
         for msg in sub:
             try:
                 callback(msg)
             except Closed as exc:
-                if not closing():  # while the bus closes, that is no fault of the callback
+                if not _closing(core):  # while the bus closes, that is no fault of the callback
                     sub._callback_failed(exc)
             except Exception as exc:
                 sub._callback_failed(exc)
@@ -584,19 +801,22 @@ def _run_sync_callback(
         sub.close()
 
 
-# -- buses left open at exit -------------------------------------------------------------------
-# threading's own exit hook runs before it joins non-daemon threads, so a program that forgets
-# close() does not wait forever on the broker's threads.
-_LIVE: set[Bus] = set()
-_LIVE_LOCK = threading.Lock()
-_INPROC_OWNERS: weakref.WeakValueDictionary[str, Bus] = weakref.WeakValueDictionary()
+# -- buses left open: at exit, when dropped, after fork -------------------------------------------
+# Cores, not buses: a core never references its Bus, so an unreferenced Bus is collected and
+# its finalizer closes the core. threading's own exit hook runs before it joins non-daemon
+# threads, so a program that forgets close() does not wait forever on the broker's threads.
+_LIVE: set[_Core] = set()
+_LIVE_LOCK = threading.RLock()
+_INPROC_OWNERS: weakref.WeakValueDictionary[str, _Core] = weakref.WeakValueDictionary()
 _hook_installed = False
 
 
-def _register(bus: Bus) -> None:
+def _register(bus: Bus, core: _Core) -> None:
     global _hook_installed
+    finalizer = weakref.finalize(bus, core.close, EXIT_CLOSE_TIMEOUT)
+    finalizer.atexit = False  # at exit, _close_all does it, earlier
     with _LIVE_LOCK:
-        _LIVE.add(bus)
+        _LIVE.add(core)
         if _hook_installed:
             return
         _hook_installed = True
@@ -609,13 +829,26 @@ def _register(bus: Bus) -> None:
     atexit.register(_close_all)
 
 
-def _unregister(bus: Bus) -> None:
+def _unregister(core: _Core) -> None:
     with _LIVE_LOCK:
-        _LIVE.discard(bus)
+        _LIVE.discard(core)
 
 
 def _close_all() -> None:
     with _LIVE_LOCK:
-        buses = list(_LIVE)
-    for bus in buses:
-        bus.close(timeout=2.0)
+        cores = list(_LIVE)
+    for core in cores:
+        core.close(EXIT_CLOSE_TIMEOUT)
+
+
+def _after_fork_in_child() -> None:
+    global _LIVE_LOCK
+    _LIVE_LOCK = threading.RLock()
+    for core in list(_LIVE):
+        core.after_fork()
+    _LIVE.clear()
+    _INPROC_OWNERS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -15,12 +15,15 @@ from collections.abc import Callable, Sequence
 from . import (
     _cmd_broker,
     _cmd_extras,
+    _cmd_info,
     _cmd_keygen,
     _cmd_pub,
     _cmd_record,
     _cmd_replay,
+    _cmd_req,
     _cmd_stats,
     _cmd_sub,
+    _cmd_topics,
 )
 from ._cmd_common import sigterm_interrupts
 from ._errors import VbusError
@@ -34,24 +37,37 @@ def build_parser() -> argparse.ArgumentParser:
         description="vbus: a message bus for Python programs, on ZeroMQ.",
         epilog=(
             "Run 'vbus COMMAND --help' for the options and an example of each command.\n\n"
-            "example: vbus broker --bind tcp://127.0.0.1:5555 &\n"
-            "         vbus sub tcp://127.0.0.1:5555 'stage/*' &\n"
-            "         vbus pub tcp://127.0.0.1:5555 stage/x 1.25"
+            "ADDRESS may be left out: then $VBUS_ADDRESS, else tcp://127.0.0.1:5555 (where\n"
+            "'vbus broker' binds by default).\n\n"
+            "example: vbus broker &\n"
+            "         vbus sub 'stage/*' &\n"
+            "         vbus pub stage/x 1.25\n"
+            "         vbus record '**' -o run1.mcap --duration 10 && vbus info run1.mcap"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    parser.add_argument("--version", action="version", version=f"vbus {_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     _cmd_extras.register_demo(commands)  # the README's first command
     _cmd_broker.register(commands)
     _cmd_pub.register(commands)
     _cmd_sub.register(commands)
+    _cmd_req.register(commands)
     _cmd_stats.register(commands)
     _cmd_record.register(commands)
     _cmd_replay.register(commands)
+    _cmd_info.register(commands)
+    _cmd_topics.register(commands)
     _cmd_keygen.register(commands)
     _cmd_extras.register_bench(commands)
     return parser
+
+
+def _version() -> str:
+    from . import __version__
+
+    return str(__version__)
 
 
 def describe(exc: BaseException) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import inspect
 import logging
 import signal
 import sys
@@ -11,7 +10,7 @@ from typing import Any
 
 from . import _limits
 from ._broker import MAX_MESSAGE_SIZE
-from ._bus import DEFAULT_HWM, Bus
+from ._bus import Bus
 from ._cmd_common import UserError, add_parser, say
 from ._endpoints import is_exposed, parse_address
 from ._security import load_keypair
@@ -58,11 +57,11 @@ def register(commands: Any) -> None:
                         "tcp and ipc endpoint then encrypts and admits only --authorized keys")
     p.add_argument("--authorized", metavar="DIR",
                    help="directory of client public keys (*.pub), re-read when it changes")
-    p.add_argument("--hwm", type=_positive("--hwm"), default=DEFAULT_HWM, metavar="N",
+    p.add_argument("--hwm", type=_positive("--hwm"), metavar="N",
                    help=f"queue bound in ZeroMQ messages, of the intake and of each "
-                        f"subscriber (default: {DEFAULT_HWM})")
-    p.add_argument("--max-queue-bytes", type=_positive("--max-queue-bytes"),
-                   default=_limits.DEFAULT_MAX_QUEUE_BYTES, metavar="BYTES",
+                        f"subscriber (default: {_limits.DEFAULT_HWM}, lowered to fit "
+                        f"--max-queue-bytes; given alone, taken as it is)")
+    p.add_argument("--max-queue-bytes", type=_positive("--max-queue-bytes"), metavar="BYTES",
                    help=f"bytes of queued data a stalled subscriber may cost the broker "
                         f"(default: {_limits.DEFAULT_MAX_QUEUE_BYTES}; at least "
                         f"{_limits.CHUNK_SIZE + _limits.MESSAGE_OVERHEAD})")
@@ -94,16 +93,11 @@ def network_exposed(address: str) -> bool:
 
 def _bus_options(args: argparse.Namespace) -> dict[str, Any]:
     try:
-        _limits.socket_hwm(args.hwm, args.max_queue_bytes, queues=2)
+        _limits.effective_hwm(args.hwm, args.max_queue_bytes, queues=2)
     except ValueError as exc:
         raise UserError(f"--max-queue-bytes: {exc}") from None
-    options: dict[str, Any] = {"hwm": args.hwm, "max_message_size": args.max_message_size}
-    if "max_queue_bytes" in inspect.signature(Bus).parameters:
-        options["max_queue_bytes"] = args.max_queue_bytes
-    else:
-        # A Bus that does not take the byte bound yet: the same bound as a message count.
-        options["hwm"] = _limits.socket_hwm(args.hwm, args.max_queue_bytes, queues=2)
-    return options
+    return {"hwm": args.hwm, "max_queue_bytes": args.max_queue_bytes,
+            "max_message_size": args.max_message_size}
 
 
 def run(args: argparse.Namespace) -> int:

@@ -6,7 +6,9 @@ import argparse
 import contextlib
 import math
 import os
+import re
 import signal
+import socket
 import sys
 import textwrap
 import threading
@@ -20,6 +22,9 @@ from ._errors import VbusError
 from ._security import check_key, load_keypair, load_public_key
 
 DEFAULT_TIMEOUT = 5.0
+DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
+ADDRESS_VARIABLE = "VBUS_ADDRESS"
+_HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):\d+$")
 
 
 class UserError(VbusError):
@@ -49,30 +54,107 @@ def add_timeout(parser: argparse.ArgumentParser) -> None:
                         help="the broker's public key: its NAME.key.pub file or the key text")
 
 
+def _number(text: str, kind: type) -> Any:
+    try:
+        return kind(text)
+    except ValueError:
+        name = "an integer" if kind is int else "a number"
+        raise argparse.ArgumentTypeError(f"must be {name}, not {text!r}") from None
+
+
 def positive_float(text: str) -> float:
-    value = float(text)
+    value = _number(text, float)
     if not (value > 0 and math.isfinite(value)):
         raise argparse.ArgumentTypeError(f"must be a positive number, not {text}")
-    return value
+    return float(value)
 
 
 def non_negative_float(text: str) -> float:
-    value = float(text)
+    value = _number(text, float)
     if not (value >= 0 and math.isfinite(value)):
         raise argparse.ArgumentTypeError(f"must be zero or a positive number, not {text}")
-    return value
+    return float(value)
 
 
 def non_negative_int(text: str) -> int:
-    value = int(text)
+    value = _number(text, int)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be zero or positive, not {text}")
-    return value
+    return int(value)
 
 
-def connect_to(address: str, timeout: float, options: argparse.Namespace | None = None) -> Bus:
+def positive_int(text: str) -> int:
+    value = _number(text, int)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text}")
+    return int(value)
+
+
+def looks_like_address(text: str) -> bool:
+    """An ADDRESS rather than a topic or pattern: ``scheme://...`` or ``host:port``."""
+    return "://" in text or bool(_HOST_PORT.match(text))
+
+
+def default_address() -> str:
+    return os.environ.get(ADDRESS_VARIABLE) or DEFAULT_ADDRESS
+
+
+def normalize_address(text: str | None) -> str:
+    """``host:port`` means ``tcp://host:port``; None means $VBUS_ADDRESS or the default."""
+    if text is None:
+        text = default_address()
+    if "://" not in text and _HOST_PORT.match(text):
+        return "tcp://" + text
+    return text
+
+
+def split_address(values: list[str], names: str, fixed: int | None) -> tuple[str, list[str]]:
+    """``[ADDRESS] ARG...``: the address (given or the default) and the other positionals.
+    With ``fixed`` arguments after the address, one more means the first is the address;
+    with a variable number (``fixed`` None), the first is the address if it looks like one
+    (``scheme://...`` or ``host:port``) and others follow."""
+    if fixed is not None:
+        if len(values) == fixed + 1:
+            return normalize_address(values[0]), values[1:]
+        if len(values) == fixed:
+            return normalize_address(None), values
+        raise UserError(f"expected [ADDRESS] {names}, got {len(values)} argument(s): "
+                        f"{' '.join(repr(v) for v in values)}")
+    if len(values) >= 2 and looks_like_address(values[0]):
+        return normalize_address(values[0]), values[1:]
+    if not values:
+        raise UserError(f"expected [ADDRESS] {names}")
+    return normalize_address(None), values
+
+
+def add_address(parser: argparse.ArgumentParser) -> None:
+    """An optional leading ADDRESS (the broker), like every command that connects."""
+    parser.add_argument(
+        "address", metavar="ADDRESS", nargs="?", default=None, type=normalize_address,
+        help=f"the broker, as 'vbus broker' prints it (default: ${ADDRESS_VARIABLE}, else "
+             f"{DEFAULT_ADDRESS}; host:port means tcp://host:port)")
+
+
+def _check_resolves(address: str) -> None:
+    """A host name that does not resolve is said at once, not as a 5 s timeout."""
+    if not address.startswith("tcp://"):
+        return
+    rest = address[len("tcp://"):]
+    host = rest.rsplit(":", 1)[0].strip("[]")
+    if not host or host == "*":
+        return
+    try:
+        socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise UserError(f"{address}: the host {host!r} does not resolve ({reason})") from None
+
+
+def connect_to(address: str | None, timeout: float,
+               options: argparse.Namespace | None = None) -> Bus:
     """A client of the broker at ``address``; a user's mistake raises a one-line error.
     ``options`` brings --keys and --server-key."""
+    address = normalize_address(address)
     endpoints = parse_address(address)  # AddressError names what is wrong
     if endpoints.address.startswith("inproc://"):
         raise UserError(
@@ -83,6 +165,7 @@ def connect_to(address: str, timeout: float, options: argparse.Namespace | None 
     server_key = getattr(options, "server_key", None)
     if (keys is None) != (server_key is None):
         raise UserError("--keys and --server-key go together")
+    _check_resolves(endpoints.address)
     keypair = load_keypair(keys) if keys is not None else None
     if server_key is not None and not _looks_like_key(server_key):
         server_key = load_public_key(server_key)

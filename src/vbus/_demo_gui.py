@@ -8,7 +8,7 @@ published, delivered to the GUI, skipped by coalescing, painted; and how much of
 thread's time goes to vbus. Its exposure box is forwarded to the camera with
 ``vbus.qt.forward``.
 
-Needs PySide6 and numpy (``pip install 'vbus[qt,numpy]'``).
+Needs a Qt binding (PySide6 or PyQt6, through qtpy) and numpy (``pip install 'vbus[qt,numpy]'``).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from PySide6.QtCore import (
+from qtpy.QtCore import (
     QElapsedTimer,
     QObject,
     QRect,
@@ -33,8 +33,8 @@ from PySide6.QtCore import (
     Qt,
     QTimer,
 )
-from PySide6.QtGui import QCloseEvent, QColor, QImage, QPainter, QPaintEvent
-from PySide6.QtWidgets import (
+from qtpy.QtGui import QCloseEvent, QColor, QImage, QPainter, QPaintEvent
+from qtpy.QtWidgets import (
     QApplication,
     QFormLayout,
     QGroupBox,

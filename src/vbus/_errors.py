@@ -25,3 +25,20 @@ class DecodeError(VbusError, ValueError):
 
 class ConnectError(VbusError, ConnectionError):
     """No broker answered at the given address in time."""
+
+
+class NoResponder(VbusError):
+    """Nobody serves the topic of a request (raised at once, not after the timeout)."""
+
+
+class RemoteError(VbusError):
+    """The server's handler raised: ``type_name`` and ``text`` are its exception's."""
+
+    def __init__(self, topic: str, type_name: str, text: str) -> None:
+        super().__init__(f"the handler of {topic!r} raised {type_name}: {text}")
+        self.topic = topic
+        self.type_name = type_name
+        self.text = text
+
+    def __reduce__(self) -> tuple[type[RemoteError], tuple[str, str, str]]:
+        return type(self), (self.topic, self.type_name, self.text)

@@ -8,11 +8,14 @@ it sleeps on a condition, woken when a publisher starts a batch or when the bus 
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from typing import Any
 
 from ._threads import Deadline, block_signals, join
+
+log = logging.getLogger("vbus")
 
 
 class Flusher:
@@ -24,13 +27,14 @@ class Flusher:
         self._stopped = False
         self.thread: threading.Thread | None = None
 
-    def due(self, publisher: Any, started: float) -> None:
-        """A publisher started a batch at ``started`` (wall clock). Called under its lock."""
+    def due(self, publisher: Any, at: float) -> None:
+        """A publisher started a batch that is due at ``at`` (wall clock). Called under its
+        lock."""
         with self._cond:
             if self._stopped:
                 return  # the publisher flushes when it closes
             wake = not self._due
-            self._due.setdefault(publisher, started + self.delay)
+            self._due.setdefault(publisher, at)
             if self.thread is None:
                 self.thread = threading.Thread(target=self._run, name=self.name)
                 self.thread.start()
@@ -55,7 +59,11 @@ class Flusher:
                     del self._due[p]
             # Without our lock: a publisher takes its own lock first, then ours.
             for p in ready:
-                again = p._flush_due(self.delay)
+                try:
+                    again = p._flush_due()
+                except Exception as exc:  # a publisher that failed is not ours to retry
+                    log.debug("flusher: %r: %r", p, exc)
+                    continue
                 if again is not None:
                     with self._cond:
                         if not self._stopped:

@@ -23,6 +23,23 @@ QUEUES_PER_PROCESS = 4
 (per subscriber), subscriber in (all four in a process with an embedded broker)."""
 
 
+DEFAULT_HWM = 1000
+
+
+def effective_hwm(hwm: int | None, max_queue_bytes: int | None,
+                  queues: int = QUEUES_PER_PROCESS) -> int:
+    """The high-water mark a socket gets from what the user set. Neither set: the default
+    count, lowered to fit the default byte budget. Only ``hwm`` set: exactly that many
+    messages (the user chose a count). ``max_queue_bytes`` set: the count that fits it."""
+    if hwm is not None and max_queue_bytes is None:
+        if hwm < 1:
+            raise ValueError(f"hwm must be at least 1, not {hwm}")
+        return hwm
+    return socket_hwm(DEFAULT_HWM if hwm is None else hwm,
+                      DEFAULT_MAX_QUEUE_BYTES if max_queue_bytes is None else max_queue_bytes,
+                      queues)
+
+
 def socket_hwm(hwm: int, max_queue_bytes: int, queues: int = QUEUES_PER_PROCESS) -> int:
     """The high-water mark (messages) a socket gets: ``hwm``, lowered so that ``queues``
     such queues of chunk-sized messages stay within ``max_queue_bytes``."""

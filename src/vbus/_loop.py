@@ -24,8 +24,19 @@ class BackgroundLoop:
         started: Started[asyncio.AbstractEventLoop] = Started()
         self._stopping = False
         self.thread = threading.Thread(target=self._run, args=(started,), name=name)
-        self.thread.start()
-        self.loop = started.wait(10.0, "the background loop")
+        try:
+            self.thread.start()
+            self.loop = started.wait(10.0, "the background loop")
+        except BaseException:
+            # Interrupted while it starts: it must not outlive us unseen.
+            self._stopping = True
+            try:
+                loop = started.wait(10.0, "the background loop")
+                loop.call_soon_threadsafe(loop.stop)
+            except Exception:
+                pass
+            self.thread.join(10.0)
+            raise
 
     def _run(self, started: Started[asyncio.AbstractEventLoop]) -> None:
         block_signals()

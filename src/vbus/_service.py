@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from . import _control, _wire
+from . import _broker_requests, _control, _wire
 from ._errors import DecodeError, TopicError
 from ._ledger import Ledger, RetainedStore, SubscriberCount
 from ._security import Authorizer, zap_reply
@@ -49,7 +49,7 @@ MAX_CONNECTIONS_PER_PEER = 1024
 """Connections one peer host keeps at most."""
 FD_RESERVE = 128
 """File descriptors kept free for the broker's own use (sockets, files) under RLIMIT_NOFILE."""
-MAX_SUBSCRIPTION_BYTES = 256 * 1024
+MAX_SUBSCRIPTION_BYTES = 64 * 1024
 """Bytes a subscriber connection may send over its life (a vbus subscriber sends a few
 hundred: its pattern's prefixes, a want and a ready token); past that it is cut."""
 MAX_SUBSCRIPTION_BYTES_TOTAL = 2 * 1024 * 1024
@@ -108,6 +108,7 @@ class BrokerService:
         self._connections = Connections(self.peers, self._rejections, set(subscriber_ports))
         self._forwarder: dict[str, int] = {}
         self._subscriptions = 0  # distinct subscriptions the forwarder holds (as it told us)
+        self.requests = _broker_requests.RequestRouter(self._sender)
 
     # -- thread -----------------------------------------------------------------------------
     def run(self, started: Started[None]) -> None:
@@ -136,6 +137,7 @@ class BrokerService:
             out.connect(self._publish_endpoint)
             into.subscribe(_control.RETAIN)
             into.subscribe(_control.REPORT)
+            into.subscribe(_broker_requests.REQUEST)
             into.connect(self._subscribe_endpoint)
             self._confirm_own_subscription(out, into)
             self._ask_forwarder_stats(control)
@@ -202,9 +204,11 @@ class BrokerService:
                 # next poll returns at once, after the waker and the other sockets had a turn.
                 if into in events:
                     self._drain_data(into)
+                    _broker_requests.flush(self.requests, out)  # before any confirmation
                 if out in events:
                     self._drain_subscriptions(out, into)
                     next_check = min(next_check, time.monotonic() + PEER_CHECK_PERIOD)
+                    _broker_requests.flush(self.requests, out)
                 if control in events:
                     self._take_forwarder_stats(control)
                 for sock in monitors:
@@ -247,6 +251,8 @@ class BrokerService:
                 self.retained.take(first, rest)
             elif first.startswith(_control.REPORT):
                 self._take_report(first)
+            elif first.startswith(_broker_requests.REQUEST):
+                self.requests.request(first, rest)
         return True
 
     def _take_report(self, first: bytes) -> None:
@@ -311,6 +317,8 @@ class BrokerService:
                 self._subscriptions = max(self._subscriptions - 1, 0)
             else:
                 continue  # a subscriber's stray message: nothing for us
+            if self.requests.subscription(change == _SUBSCRIBE, body):
+                continue
             if body.startswith(_control.READY) and body.endswith(b"\0"):
                 token = body[len(_control.READY) : -1]
                 if not 0 < len(token) <= MAX_TOKEN or not token.isascii():
@@ -380,6 +388,7 @@ class BrokerService:
         stats["connections"] = len(self._connections)
         stats["subscriptions"] = self._subscriptions
         stats["retained"] = len(self.retained)
+        stats["requests"] = _broker_requests.stats_dict(self.requests)
         frame = _control.control_frame(
             _control.STATS_TOPIC.encode(), self._sender, payload=_control.stats_payload(stats)
         )

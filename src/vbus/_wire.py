@@ -1,21 +1,25 @@
 """The vbus wire format, sans-io: frame layout and payload encoding. See docs/protocol.md.
 
-A message is one ZeroMQ message of one or two frames::
+A message is one ZeroMQ message of one or more frames::
 
     frame 1:  topic (ASCII) | 0x00 | header (28 bytes) | inline payload
     frame 2:  external payload (only when FLAG_EXTERNAL is set)
+    frame 3…: more external payload (only for KIND_TREE: one frame per nested array)
 
 The topic comes first so ZeroMQ's prefix filtering works on it; the terminator makes the
 filter exact. Small payloads ride inline in the single frame (one frame is about 4x faster
 than two for 64-byte messages). Bytes payloads of EXTERNAL_THRESHOLD bytes or more, and the
 data of every numpy array (its dtype and shape stay inline), travel as a frame of their own,
-sent and received without copies.
+sent and received without copies. Arrays nested in a value (dict values, list items, struct
+fields) make it a KIND_TREE payload: the value as msgpack with an extension placeholder
+(EXT_ARRAY) per array, and one external frame per array, in placeholder order.
 """
 
 from __future__ import annotations
 
 import struct
 import sys
+import threading
 from typing import Any
 
 import msgspec
@@ -37,7 +41,14 @@ KIND_MSGPACK = 0
 KIND_BYTES = 1
 KIND_NDARRAY = 2
 KIND_BATCH = 3  # several messages of one publisher and topic; see _batch.py
-KINDS = (KIND_MSGPACK, KIND_BYTES, KIND_NDARRAY, KIND_BATCH)
+KIND_TREE = 4  # msgpack with EXT_ARRAY placeholders, one external frame per nested array
+KIND_CHUNK = 5  # one piece of a large message that crosses a network; see _chunk.py
+KINDS = (KIND_MSGPACK, KIND_BYTES, KIND_NDARRAY, KIND_BATCH, KIND_TREE, KIND_CHUNK)
+
+EXT_ARRAY = 1
+"""msgpack extension type of a nested array's placeholder: ``[index, descr, shape]``."""
+MAX_TREE_ARRAYS = 4096
+"""A tree payload may hold at most this many arrays (each one is a frame)."""
 
 EXTERNAL_THRESHOLD = 64 * 1024
 """Bytes payloads this large or larger travel in a frame of their own, without copies."""
@@ -45,7 +56,34 @@ EXTERNAL_THRESHOLD = 64 * 1024
 _BYTES_TYPES = (bytes, bytearray, memoryview)
 
 
+class NestedArray(TypeError):
+    """An encoder saw a numpy array inside a value outside ``encode_payload``: such a value
+    needs a frame per array, so it cannot be batched. A publisher's fast path catches it and
+    sends the value on its own, through ``encode_payload``."""
+
+
+class _Collector(threading.local):
+    # The external buffers of the tree payload being encoded on this thread, or None when
+    # no encode_payload is under way (arrays then raise NestedArray).
+    buffers: list[Any] | None = None
+
+
+_collector = _Collector()
+_PLAIN_ENCODER = msgspec.msgpack.Encoder()
+
+
 def _enc_hook(obj: Any) -> Any:
+    numpy = sys.modules.get("numpy")
+    if numpy is not None and isinstance(obj, numpy.ndarray):
+        buffers = _collector.buffers
+        if buffers is None:
+            raise NestedArray("a numpy array inside a value is sent as a frame of its own")
+        if len(buffers) >= MAX_TREE_ARRAYS:
+            raise ValueError(f"more than {MAX_TREE_ARRAYS} numpy arrays in one payload")
+        descr, shape, data = _array_parts(obj, numpy)
+        placeholder = _PLAIN_ENCODER.encode((len(buffers), descr, shape))
+        buffers.append(data)
+        return msgspec.msgpack.Ext(EXT_ARRAY, placeholder)
     # numpy scalars are common in instrument code; send them as plain numbers.
     item = getattr(obj, "item", None)
     if item is not None and getattr(obj, "ndim", None) == 0:
@@ -58,7 +96,13 @@ def new_encoder() -> msgspec.msgpack.Encoder:
 
 
 class Payload(msgspec.Struct, frozen=True, gc=False):
-    """An encoded payload: its kind, the inline bytes and the optional external buffer."""
+    """An encoded payload: its kind, the inline bytes and the external part.
+
+    ``external`` is None (no frame after frame 1), one buffer (one frame: KIND_BYTES,
+    KIND_NDARRAY, or a KIND_TREE holding one array), or a tuple of two or more buffers
+    (KIND_TREE only: one frame each, in that order). Buffers are bytes-like objects that
+    share the caller's memory: send them with ``copy=False``.
+    """
 
     kind: int
     inline: bytes
@@ -77,22 +121,35 @@ def encode_payload(data: Any, encoder: msgspec.msgpack.Encoder) -> Payload:
     numpy = sys.modules.get("numpy")
     if numpy is not None and isinstance(data, numpy.ndarray):
         return _encode_ndarray(data, encoder, numpy)
+    buffers: list[Any] = []
+    outer, _collector.buffers = _collector.buffers, buffers
     try:
-        return Payload(KIND_MSGPACK, encoder.encode(data))
+        inline = encoder.encode(data)
     except (TypeError, ValueError, OverflowError, RecursionError) as exc:
         raise EncodeError(f"cannot encode payload of type {type(data).__name__}: {exc!r}") from None
+    finally:
+        _collector.buffers = outer
+    if not buffers:
+        return Payload(KIND_MSGPACK, inline)
+    return Payload(KIND_TREE, inline, buffers[0] if len(buffers) == 1 else tuple(buffers))
 
 
-def _encode_ndarray(array: Any, encoder: msgspec.msgpack.Encoder, numpy: Any) -> Payload:
+def _array_parts(array: Any, numpy: Any) -> tuple[Any, tuple[int, ...], Any]:
+    """An array's ``.npy`` description, shape, and its data as a flat byte view (no copy
+    unless it is not C-contiguous)."""
     if array.dtype.hasobject:
         raise EncodeError(f"numpy arrays of dtype {array.dtype} (Python objects) cannot be sent")
     if not array.flags.c_contiguous:
         array = numpy.ascontiguousarray(array)
     # The .npy format's description keeps padding, offsets, nesting and titles.
     descr = numpy.lib.format.dtype_to_descr(array.dtype)
-    meta = encoder.encode((descr, array.shape))
     # reshape(-1) of a C-contiguous array is a view: the frame shares the array's memory.
-    return Payload(KIND_NDARRAY, meta, array.reshape(-1).view(numpy.uint8).data)
+    return descr, array.shape, array.reshape(-1).view(numpy.uint8).data
+
+
+def _encode_ndarray(array: Any, encoder: msgspec.msgpack.Encoder, numpy: Any) -> Payload:
+    descr, shape, data = _array_parts(array, numpy)
+    return Payload(KIND_NDARRAY, encoder.encode((descr, shape)), data)
 
 
 def build_frames(
@@ -143,20 +200,35 @@ def parse_envelope(frame: bytes) -> Envelope:
 def decode_payload(
     kind: int,
     inline: memoryview,
-    external: memoryview | None,
+    external: memoryview | list[memoryview] | None,
     decoder: msgspec.msgpack.Decoder[Any],
 ) -> Any:
-    """Decode a payload. ``decoder`` decodes (and validates) msgpack payloads."""
-    if external is not None:
-        external = external.toreadonly()  # frames may share memory with the publisher's data
+    """Decode a payload. ``decoder`` decodes (and validates) msgpack payloads.
+
+    ``external`` is what followed frame 1: None, one frame, or a list of frames (a list of
+    one is the same as one frame). Only KIND_TREE payloads may have more than one.
+    """
+    if external is None:
+        frames: list[memoryview] = []
+    elif isinstance(external, list):
+        frames = [frame.toreadonly() for frame in external]
+    else:
+        frames = [external.toreadonly()]  # frames may share memory with the publisher's data
     try:
+        if kind == KIND_TREE:
+            return _decode_tree(inline, frames, decoder)
+        if len(frames) > 1:
+            raise DecodeError(f"{len(frames)} external frames for a payload of kind {kind}")
+        single = frames[0] if frames else None
         if kind == KIND_MSGPACK:
             return decoder.decode(inline)
         if kind == KIND_BYTES:
-            return external if external is not None else inline.toreadonly()
+            return single if single is not None else inline.toreadonly()
         if kind == KIND_BATCH:
             raise DecodeError("a batch holds several messages: decode it with _batch")
-        return _decode_ndarray(inline, external)
+        if kind == KIND_CHUNK:
+            raise DecodeError("a chunk is a piece of a message: reassemble it with _chunk")
+        return _decode_ndarray(inline, single)
     except msgspec.ValidationError as exc:
         raise DecodeError(f"payload does not match the requested type: {exc}") from None
     except DecodeError:
@@ -166,16 +238,73 @@ def decode_payload(
 
 
 _META_DECODER = msgspec.msgpack.Decoder(tuple[Any, tuple[int, ...]])
+_PLACEHOLDER_DECODER = msgspec.msgpack.Decoder(tuple[int, Any, tuple[int, ...]])
+
+
+class _Frames(threading.local):
+    # The external frames of the tree payload being decoded on this thread, and which of
+    # them a placeholder has taken.
+    frames: list[memoryview] | None = None
+    taken: set[int] | None = None
+
+
+_frames = _Frames()
+
+
+def _ext_hook(code: int, data: memoryview) -> Any:
+    frames, taken = _frames.frames, _frames.taken
+    if code != EXT_ARRAY or frames is None or taken is None:
+        raise DecodeError(f"unknown msgpack extension type {code}")
+    try:
+        index, descr, shape = _PLACEHOLDER_DECODER.decode(data)
+    except msgspec.MsgspecError as exc:
+        raise DecodeError(f"bad array placeholder: {exc}") from None
+    if not 0 <= index < len(frames):
+        raise DecodeError(f"array placeholder {index} but {len(frames)} external frame(s)")
+    if index in taken:
+        raise DecodeError(f"array placeholder {index} appears twice")
+    taken.add(index)
+    return _array(descr, shape, frames[index])
+
+
+_TREE_DECODER = msgspec.msgpack.Decoder(ext_hook=_ext_hook)
+
+
+def _decode_tree(
+    inline: memoryview, frames: list[memoryview], decoder: msgspec.msgpack.Decoder[Any]
+) -> Any:
+    if not frames:
+        raise DecodeError("tree payload without its array frames")
+    outer = _frames.frames, _frames.taken
+    taken: set[int] = set()
+    _frames.frames, _frames.taken = frames, taken
+    try:
+        value = _TREE_DECODER.decode(inline)
+    finally:
+        _frames.frames, _frames.taken = outer
+    if len(taken) != len(frames):
+        raise DecodeError(f"{len(frames)} array frames but {len(taken)} placeholder(s)")
+    wanted = decoder.type
+    if wanted is Any:
+        return value
+    # A typed subscriber: validate the decoded tree into its type. Array-typed fields
+    # (``numpy.ndarray``) take the arrays as they are.
+    return msgspec.convert(value, wanted)
 
 
 def _decode_ndarray(meta: memoryview, data: memoryview | None) -> Any:
     if data is None:
         raise DecodeError("array message without its data frame")
+    descr, shape = _META_DECODER.decode(meta)
+    return _array(descr, shape, data)
+
+
+def _array(descr: Any, shape: tuple[int, ...], data: memoryview) -> Any:
+    """The array that ``data`` holds, without a copy (read-only if ``data`` is)."""
     try:
         import numpy
     except ImportError:
         raise DecodeError("received a numpy array but numpy is not installed") from None
-    descr, shape = _META_DECODER.decode(meta)
     try:
         dtype = numpy.lib.format.descr_to_dtype(_tuples(descr))
         if dtype.itemsize == 0:  # numpy cannot count zero-size items in a buffer

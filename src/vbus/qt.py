@@ -1,5 +1,8 @@
 """Qt integration (``pip install vbus[qt]``): deliver messages on the GUI thread, forward signals.
 
+Through qtpy, so it runs on the binding the application uses: PySide6 or PyQt6 (qtpy picks it
+as for napari: ``QT_API``, else the first one installed; PySide6 is what ``vbus[qt]`` installs).
+
 ``QtSubscriber`` is a QObject whose ``received`` signal carries each ``vbus.Message`` on the
 QObject's own thread (normally the GUI thread), in order. The bus is read by a Python thread of
 the QtSubscriber's own (``vbus-qt-<pattern>``), blocked in a sync ``Subscriber.recv()``, so the
@@ -32,8 +35,8 @@ from collections.abc import Callable
 from typing import Any
 
 import msgspec
-import PySide6
-from PySide6.QtCore import QCoreApplication, QObject, QSocketNotifier, Signal, SignalInstance
+import qtpy
+from qtpy.QtCore import QCoreApplication, QObject, QSocketNotifier, Signal, Slot
 
 from ._bus import Bus
 from ._errors import Closed
@@ -60,6 +63,23 @@ class _Probe(QObject):
     ping = Signal()
 
 
+class _Watch(QObject):
+    """Stops a relay when its QtSubscriber is destroyed or the application is about to quit.
+
+    Those signals reach a real Qt slot of this object, not a Python callable: PyQt6 calls a
+    lambda through a proxy object, and a garbage collection that destroys the QtSubscriber
+    can free that proxy's callable before ``destroyed`` reaches it (a crash). The relay keeps
+    this object alive for as long as it may be called."""
+
+    def __init__(self, relay: _Relay) -> None:
+        super().__init__()
+        self._relay = relay
+
+    @Slot()
+    def stop(self) -> None:
+        self._relay.stop(STOP_TIMEOUT)
+
+
 def _join(thread: threading.Thread, deadline: Deadline) -> bool:
     """Join unless it is the calling thread or never started; True once it has ended.
     (Not current_thread(): in a QThread that would register a dummy Thread for good.)"""
@@ -69,7 +89,7 @@ def _join(thread: threading.Thread, deadline: Deadline) -> bool:
 
 
 def _binding_defect() -> str | None:
-    """Why this PySide6 cannot run a Qt application on this Python, or None.
+    """Why this Qt binding cannot run a Qt application on this Python, or None.
 
     PySide6 6.12 drops a reference to ``None`` on every call of a method returning nothing and
     one to ``True`` on every ``emit()`` when it runs on Python 3.10 or 3.11, whose ``None``
@@ -77,8 +97,8 @@ def _binding_defect() -> str | None:
     interpreter within seconds or minutes ("deallocating None" / "deallocating True or
     False"). Measured, not inferred from version numbers.
     """
-    if sys.version_info >= (3, 12):
-        return None
+    if sys.version_info >= (3, 12) or qtpy.API_NAME != "PySide6":
+        return None  # PyQt6 keeps its references
     probe = _Probe()
     calls = 64
     none_before, true_before = sys.getrefcount(None), sys.getrefcount(True)
@@ -90,10 +110,11 @@ def _binding_defect() -> str | None:
     if lost_none < calls // 2 and lost_true < calls // 2:
         return None
     return (
-        f"PySide6 {PySide6.__version__} on Python {sys.version_info[0]}.{sys.version_info[1]} "
+        f"PySide6 {qtpy.PYSIDE_VERSION} on Python {sys.version_info[0]}.{sys.version_info[1]} "
         f"loses a reference to None or True on each call ({lost_none} and {lost_true} in "
         f"{calls} calls), which aborts the interpreter after a while; use PySide6 < 6.12 with "
-        "Python < 3.12 (pip install 'PySide6-Essentials<6.12'), or Python 3.12+"
+        "Python < 3.12 (pip install 'PySide6-Essentials<6.12'), Python 3.12+, or PyQt6 "
+        "(QT_API=pyqt6)"
     )
 
 
@@ -188,7 +209,8 @@ class _Relay:
         self.gui_seconds = 0.0
         self.owner = threading.get_ident()  # the QObject's thread
         self.notifier: QSocketNotifier | None = None
-        self.quit_slot: Callable[[], None] | None = None
+        self.watch: _Watch | None = None
+        self.watching_quit = False
         self.loss_log = BurstLog(log, f"QtSubscriber {self.pattern!r}: the GUI is behind")
         self.wake = _Wake()
         # daemon=False given: else Thread() asks current_thread(), which leaves a dummy Thread
@@ -293,13 +315,19 @@ class _Relay:
                 self.wake.close()
             else:
                 self.abandoned = True
-        quit_slot, self.quit_slot = self.quit_slot, None
+        watch = self.watch
         app = QCoreApplication.instance()
-        if quit_slot is not None and app is not None:
+        if watch is not None:
+            if self.watching_quit and app is not None:
+                self.watching_quit = False
+                try:
+                    app.aboutToQuit.disconnect(watch.stop)
+                except (RuntimeError, TypeError):
+                    pass
             try:
-                app.aboutToQuit.disconnect(quit_slot)
-            except (RuntimeError, TypeError):
-                pass
+                watch.deleteLater()  # not now: this may run in its own slot
+            except RuntimeError:
+                pass  # already deleted
 
     def stats(self) -> QtSubscriberStats:
         with self.lock:
@@ -354,10 +382,11 @@ class QtSubscriber(QObject):
             notifier = QSocketNotifier(relay.wake.fileno(), QSocketNotifier.Type.Read, self)
             notifier.activated.connect(self._on_ready)
             relay.notifier = notifier
-            # Closures over the relay, never over self: they run while self is destroyed.
-            self.destroyed.connect(lambda *_: relay.stop(STOP_TIMEOUT))
-            relay.quit_slot = lambda: relay.stop(STOP_TIMEOUT)
-            app.aboutToQuit.connect(relay.quit_slot)
+            # Never over self: these run while self is destroyed.
+            watch = relay.watch = _Watch(relay)
+            self.destroyed.connect(watch.stop)
+            app.aboutToQuit.connect(watch.stop)
+            relay.watching_quit = True
             relay.thread.start()
         except BaseException:
             relay.stop(STOP_TIMEOUT)
@@ -431,14 +460,15 @@ class QtSubscriber(QObject):
 
 
 def forward(
-    signal: SignalInstance,
+    signal: Any,
     publisher: Publisher,
     topic: str,
     *,
     convert: Callable[..., Any] | None = None,
     retain: bool = False,
 ) -> Callable[..., None]:
-    """Publish on ``topic`` every time ``signal`` is emitted; returns the connected slot.
+    """Publish on ``topic`` every time the Qt ``signal`` (a bound signal: ``widget.clicked``)
+    is emitted; returns the connected slot.
 
     The payload is ``convert(*args)`` if given, else the signal's single argument, ``None``
     for a signal without arguments, or the list of its arguments::

@@ -24,7 +24,7 @@ def test_all_is_sorted_and_complete() -> None:
 
 def test_error_tree() -> None:
     for err in (vbus.Closed, vbus.TopicError, vbus.EncodeError, vbus.DecodeError,
-                vbus.ConnectError, vbus.AddressError):
+                vbus.ConnectError, vbus.AddressError, vbus.NoResponder, vbus.RemoteError):
         assert issubclass(err, vbus.VbusError)
         assert not issubclass(err, zmq.ZMQError)
     assert issubclass(vbus.TopicError, ValueError)
@@ -57,10 +57,13 @@ def test_sync_and_async_twins_do_not_drift(sync: type, async_: type) -> None:
 
 def test_bus_has_a_sync_and_an_async_factory_for_each_role() -> None:
     for sync_name, async_name in [("publisher", "async_publisher"),
-                                  ("subscribe", "async_subscribe")]:
+                                  ("subscribe", "async_subscribe"),
+                                  ("request", "async_request")]:
         s = inspect.signature(getattr(vbus.Bus, sync_name))
         a = inspect.signature(getattr(vbus.Bus, async_name))
         assert s.parameters.keys() == a.parameters.keys()
+    assert inspect.iscoroutinefunction(vbus.Bus.async_request)
+    assert not inspect.iscoroutinefunction(vbus.Bus.request)
 
 
 def test_stats_count_messages_subscribers_and_drops(bus: vbus.Bus) -> None:

@@ -32,7 +32,8 @@ def test_callbacks_run_in_order_on_the_expected_threads(bus: vbus.Bus) -> None:
         if msg.data == 999:
             done.set()
 
-    assert bus.on("n", on_sync) is on_sync
+    handle = bus.on("n", on_sync)
+    assert isinstance(handle, vbus.Handle) and handle.callback is on_sync
     pub = bus.publisher()
     for i in range(1000):
         pub.publish("n", i)

@@ -49,5 +49,7 @@ def test_help_and_usage_errors_are_one_clean_line() -> None:
     demo_help = _vbus("demo", "--help")
     assert "example: vbus demo" in demo_help.stdout
     bad = _vbus("demo", "--duration", "soon")
-    assert bad.returncode == 2 and "invalid float value" in bad.stderr
+    assert bad.returncode == 2 and "must be a number, not 'soon'" in bad.stderr
+    big = _vbus("demo", "--size", "100000")
+    assert big.returncode == 2 and "must be at most 4096, not 100000" in big.stderr
     assert "Traceback" not in bad.stderr

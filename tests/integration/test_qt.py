@@ -22,12 +22,15 @@ import pytest  # noqa: E402
 
 import vbus  # noqa: E402
 
-pytest.importorskip("PySide6")
+pytest.importorskip("qtpy")
 pytest.importorskip("pytestqt")
 
-from PySide6.QtCore import QEventLoop, QObject, QRect, QThread, QTimer, Signal  # noqa: E402
-from PySide6.QtGui import QImage, QPainter  # noqa: E402
-from PySide6.QtWidgets import QApplication, QSpinBox, QWidget  # noqa: E402
+# pytest-qt has loaded its binding (PYTEST_QT_API, else PySide6 first); qtpy takes the one
+# already loaded, so vbus.qt and these tests run on that binding.
+import qtpy  # noqa: E402
+from qtpy.QtCore import QEventLoop, QObject, QRect, QThread, QTimer, Signal  # noqa: E402
+from qtpy.QtGui import QImage, QPainter  # noqa: E402
+from qtpy.QtWidgets import QApplication, QSpinBox, QWidget  # noqa: E402
 
 try:
     from vbus._demo_gui import open_viewer
@@ -41,6 +44,42 @@ except ImportError as exc:  # vbus.qt refuses a binding that would abort the int
 
 ROOT = Path(__file__).resolve().parents[2]
 needs_binding = pytest.mark.skipif(BINDING_DEFECT is not None, reason=str(BINDING_DEFECT))
+
+
+BINDINGS = {"PySide6": "pyside6", "PyQt6": "pyqt6"}
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("binding", sorted(BINDINGS.values()))
+def test_under_each_binding(binding: str) -> None:
+    """Every test of this module under PySide6 and PyQt6: this process runs them under one
+    binding (pytest-qt's), a child process under the other."""
+    if BINDINGS.get(qtpy.API_NAME) == binding:
+        pytest.skip(f"{qtpy.API_NAME} {qtpy.QT_VERSION}: the tests of this process")
+    import importlib.util
+
+    if importlib.util.find_spec({"pyside6": "PySide6", "pyqt6": "PyQt6"}[binding]) is None:
+        pytest.skip(f"{binding} is not installed")  # not imported: one binding a process
+    env = dict(os.environ, QT_API=binding, PYTEST_QT_API=binding, VBUS_QT_BINDING_RUN="1",
+               QT_QPA_PLATFORM="offscreen")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+         "-k", "not test_under_each_binding"],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=280,
+    )
+    summary = result.stdout.strip().splitlines()[-1:] or [""]
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+    assert " passed" in summary[0] and "skipped" not in summary[0], summary[0]
+    print(f"\n{binding}: {summary[0]}")
+
+
+def test_binding_in_use() -> None:
+    """qtpy and pytest-qt agree: one binding in this process."""
+    import sys as _sys
+
+    loaded = [name for name in BINDINGS if name in _sys.modules]
+    assert loaded == [qtpy.API_NAME], loaded
+    print(f"\n{qtpy.API_NAME} {qtpy.PYSIDE_VERSION or qtpy.PYQT_VERSION}, Qt {qtpy.QT_VERSION}")
 
 
 def test_the_qt_binding_keeps_its_references() -> None:
@@ -463,10 +502,20 @@ def test_close_from_another_thread(bus: vbus.Bus, qtbot: Any) -> None:
     assert qt_threads() == set()
 
 
+def delete_now(obj: QObject) -> None:
+    """Destroy the C++ object at once, as the binding offers it."""
+    if qtpy.API_NAME == "PySide6":
+        import shiboken6
+
+        shiboken6.delete(obj)
+    else:
+        from PyQt6 import sip
+
+        sip.delete(obj)
+
+
 @needs_binding
 def test_parent_destroyed_stops_the_subscriber_and_its_thread(bus: vbus.Bus, qtbot: Any) -> None:
-    import shiboken6
-
     parent = QWidget()
     qsub = QtSubscriber(bus, "camera/frame", latest_only=True, parent=parent)
     got: list[int] = []
@@ -476,7 +525,7 @@ def test_parent_destroyed_stops_the_subscriber_and_its_thread(bus: vbus.Bus, qtb
     with Flood(bus):
         qtbot.waitUntil(lambda: len(got) >= 3, timeout=5000)
         assert "vbus-qt-camera/frame" in qt_threads()
-        shiboken6.delete(parent)  # destroys the child QtSubscriber, traffic in flight
+        delete_now(parent)  # destroys the child QtSubscriber, traffic in flight
         # Stopped synchronously: one QtSubscriber thread left, the witness's.
         names = [t.name for t in threading.enumerate()]
         assert names.count("vbus-qt-camera/frame") == 1
@@ -553,8 +602,8 @@ def test_a_program_that_quits_mid_traffic_exits_promptly() -> None:
     code = """if 1:
         import asyncio, sys, threading, time
         import numpy as np
-        from PySide6.QtCore import QTimer
-        from PySide6.QtWidgets import QApplication
+        from qtpy.QtCore import QTimer
+        from qtpy.QtWidgets import QApplication
         import vbus
         from vbus.qt import QtSubscriber
         app = QApplication([])
@@ -619,7 +668,10 @@ def test_viewer_renders_live_frames(
         assert window.grab().save(str(path))
         shot = QImage(str(path)).convertToFormat(QImage.Format.Format_Grayscale8)
         area = window.view.image_rect().translated(window.view.pos())
-        pixels = np.frombuffer(shot.constBits(), np.uint8).reshape(
+        bits = shot.constBits()
+        if hasattr(bits, "setsize"):  # PyQt6: a sip.voidptr of unknown size
+            bits.setsize(shot.sizeInBytes())
+        pixels = np.frombuffer(bits, np.uint8).reshape(
             shot.height(), shot.bytesPerLine()
         )[area.top() : area.bottom(), area.left() : area.right()]
         assert pixels.size > 100_000
@@ -630,3 +682,27 @@ def test_viewer_renders_live_frames(
     finally:
         window.close()
         instrument.stop()
+
+
+# -- psygnal in a Qt application ---------------------------------------------------------------
+@needs_binding
+def test_psygnal_relay_emits_on_the_gui_thread(bus: vbus.Bus, qtbot: Any) -> None:
+    """vbus.psygnal.Relay with thread="main": psygnal queues each emission for the GUI
+    thread, and psygnal.qt's timer emits it there."""
+    psygnal_qt = pytest.importorskip("psygnal.qt")
+    from vbus.psygnal import Relay
+
+    relay = Relay(bus, "stage/*", thread="main")
+    got: list[tuple[Any, bool]] = []
+    gui = threading.get_ident()
+    relay.received.connect(lambda msg: got.append((msg.data, threading.get_ident() == gui)))
+    psygnal_qt.start_emitting_from_queue()
+    try:
+        pub = bus.publisher()
+        for i in range(50):
+            pub.publish("stage/x", i)
+        qtbot.waitUntil(lambda: len(got) == 50, timeout=5000)
+    finally:
+        psygnal_qt.stop_emitting_from_queue()
+        relay.close()
+    assert got == [(i, True) for i in range(50)]

@@ -258,13 +258,15 @@ def test_ctrl_c_interrupts_a_blocking_recv() -> None:
     proc = subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(
             """
-            import vbus
+            import signal, vbus
+            # A child of a background job inherits SIGINT ignored: Ctrl-C must be live here.
+            signal.signal(signal.SIGINT, signal.default_int_handler)
             bus = vbus.Bus()
             @bus.on("x")
             async def cb(msg): pass
             sub = bus.subscribe("never")
-            print("waiting", flush=True)
             try:
+                print("waiting", flush=True)  # inside the try: SIGINT may come at once
                 sub.recv()
             except KeyboardInterrupt:
                 print("interrupted", flush=True)

@@ -564,7 +564,7 @@ def test_unknown_flags_are_a_decode_error(flags: int) -> None:
         parse_envelope(set_header_byte(valid_frame(), 1, flags))
 
 
-@pytest.mark.parametrize("kind", [4, 7, 255])
+@pytest.mark.parametrize("kind", [6, 7, 255])
 def test_unknown_kind_is_a_decode_error(kind: int) -> None:
     with pytest.raises(DecodeError, match="kind"):
         parse_envelope(set_header_byte(valid_frame(), 2, kind))
@@ -723,3 +723,247 @@ def test_random_array_frames_decode_or_raise_decode_error(meta: bytes, data: byt
     else:
         assert isinstance(result, np.ndarray)
         assert result.nbytes == len(data)
+
+
+# -- arrays anywhere in a value: KIND_TREE ------------------------------------------------------
+
+from vbus._wire import EXT_ARRAY, KIND_TREE, MAX_TREE_ARRAYS, NestedArray  # noqa: E402
+
+
+def frames_of(payload: Payload) -> list[Any]:
+    ext = payload.external
+    return [] if ext is None else list(ext) if isinstance(ext, tuple) else [ext]
+
+
+def tree_trip(data: Any, decoder: msgspec.msgpack.Decoder = DEC, copy: bool = True) -> Any:
+    """Encode, frame, parse and decode as a socket pair would, with the external frames
+    as a list (the subscriber's form); ``copy`` simulates the trip between processes."""
+    payload = encode_payload(data, ENC)
+    frame, external = build_frames(topic_prefix(TOPIC), 0, SENDER, 7, 1234.5, payload)
+    env = parse_envelope(frame)
+    assert bool(env.flags & FLAG_EXTERNAL) == (external is not None)
+    views = [memoryview(bytes(f)) if copy else memoryview(f) for f in frames_of(payload)]
+    return decode_payload(env.kind, memoryview(frame)[env.offset :], views, decoder)
+
+
+class Event(msgspec.Struct):
+    seq_num: int
+    data: dict[str, Any]
+    image: np.ndarray  # type: ignore[type-arg]
+
+
+@dataclasses.dataclass
+class Shot:
+    name: str
+    pixels: np.ndarray  # type: ignore[type-arg]
+
+
+def test_arrays_in_dicts_lists_and_structs_round_trip() -> None:
+    image = np.arange(12, dtype="<u2").reshape(3, 4)
+    table = np.zeros(2, dtype=[("x", "<f4"), ("n", "u1")])
+    flag = np.array(True)
+    sent = {"image": image, "items": [1, table, "s", [flag]], "plain": np.float32(1.5)}
+    payload = encode_payload(sent, ENC)
+    assert payload.kind == KIND_TREE
+    assert isinstance(payload.external, tuple) and len(payload.external) == 3
+    got = tree_trip(sent)
+    assert set(got) == {"image", "items", "plain"}
+    assert_same_array(got["image"], image)
+    assert got["items"][0] == 1 and got["items"][2] == "s"
+    assert_same_array(got["items"][1], table)
+    assert_same_array(got["items"][3][0], flag)  # 0-d arrays nested stay arrays
+    assert got["plain"] == 1.5  # numpy scalars stay plain numbers
+
+
+def test_one_nested_array_travels_as_one_buffer() -> None:
+    payload = encode_payload([np.ones(3)], ENC)
+    assert payload.kind == KIND_TREE
+    assert isinstance(payload.external, memoryview)  # not a tuple of one
+    got = tree_trip([np.ones(3)])
+    assert_same_array(got[0], np.ones(3))
+    # a receiver may hand over that one frame as itself, not in a list
+    frame, external = build_frames(b"a\0", 0, SENDER, 1, 0.0, payload)
+    env = parse_envelope(frame)
+    one = decode_payload(env.kind, memoryview(frame)[env.offset :], memoryview(external), DEC)
+    assert_same_array(one[0], np.ones(3))
+
+
+def test_a_top_level_array_stays_kind_ndarray() -> None:
+    assert encode_payload(np.ones(3), ENC).kind == KIND_NDARRAY
+
+
+def test_a_value_without_arrays_stays_kind_msgpack() -> None:
+    payload = encode_payload({"x": np.float64(2.0), "l": [1, 2]}, ENC)
+    assert payload.kind == KIND_MSGPACK and payload.external is None
+
+
+def test_nested_arrays_are_zero_copy_both_ways() -> None:
+    image = np.arange(1 << 16, dtype=np.uint32).reshape(256, 256)
+    payload = encode_payload({"image": image}, ENC)
+    assert np.shares_memory(as_u8(payload.external), image)
+    got = tree_trip({"image": image}, copy=False)["image"]
+    assert np.shares_memory(got, image)
+    assert not got.flags.writeable  # received arrays are read-only views
+
+
+def test_non_contiguous_nested_arrays_round_trip() -> None:
+    base = np.arange(40, dtype=np.int16).reshape(5, 8)
+    sent = {"t": base.T, "s": base[::2, 1::3], "f": np.asfortranarray(base)}
+    got = tree_trip(sent)
+    for key, value in sent.items():
+        assert_same_array(got[key], value)
+
+
+def test_struct_and_dataclass_fields_round_trip_untyped() -> None:
+    image = np.eye(3, dtype="<f8")
+    got = tree_trip(Event(seq_num=1, data={"det": 2.5}, image=image))
+    assert got["seq_num"] == 1 and got["data"] == {"det": 2.5}
+    assert_same_array(got["image"], image)
+    got = tree_trip(Shot("a", image))
+    assert got["name"] == "a"
+    assert_same_array(got["pixels"], image)
+
+
+def test_typed_decoder_builds_structs_with_array_fields() -> None:
+    image = np.arange(6, dtype=">i4").reshape(2, 3)
+    got = tree_trip(Event(7, {"img": image}, image), decoder=msgspec.msgpack.Decoder(Event))
+    assert isinstance(got, Event) and got.seq_num == 7
+    assert_same_array(got.image, image)
+    assert_same_array(got.data["img"], image)
+    shot = tree_trip(Shot("b", image), decoder=msgspec.msgpack.Decoder(Shot))
+    assert isinstance(shot, Shot)
+    assert_same_array(shot.pixels, image)
+
+
+def test_typed_decoder_refuses_a_tree_that_does_not_match() -> None:
+    with pytest.raises(DecodeError, match="requested type"):
+        tree_trip({"seq_num": "one", "data": {}, "image": np.ones(1)},
+                  decoder=msgspec.msgpack.Decoder(Event))
+    with pytest.raises(DecodeError, match="requested type"):
+        tree_trip({"name": "x", "pixels": [np.ones(1)]}, decoder=msgspec.msgpack.Decoder(Shot))
+
+
+def test_object_arrays_nested_raise_encode_error() -> None:
+    with pytest.raises(EncodeError, match="object"):
+        encode_payload({"a": np.array([object()])}, ENC)
+
+
+def test_too_many_nested_arrays_raise_encode_error() -> None:
+    with pytest.raises(EncodeError, match=str(MAX_TREE_ARRAYS)):
+        encode_payload([np.zeros(1)] * (MAX_TREE_ARRAYS + 1), ENC)
+
+
+def test_plain_encoding_of_a_value_with_arrays_raises_nested_array() -> None:
+    """A publisher's batching fast path encodes values directly: it learns from NestedArray
+    (a TypeError) that the value must go on its own through encode_payload."""
+    with pytest.raises(NestedArray):
+        ENC.encode({"a": np.zeros(2)})
+    assert issubclass(NestedArray, TypeError)
+    # and the encoder is left in its ordinary state by encode_payload
+    encode_payload({"a": np.zeros(2)}, ENC)
+    with pytest.raises(NestedArray):
+        ENC.encode([np.zeros(2)])
+
+
+def test_tree_frame_layout() -> None:
+    """The example of docs/protocol.md, byte for byte."""
+    sent = {"n": 1, "img": np.array([[0, 1, 2]], dtype="<u2")}
+    payload = encode_payload(sent, ENC)
+    frame, external = build_frames(b"cam/frame\0", 0, bytes.fromhex("0123456789abcdef"), 7,
+                                   1700000000.5, payload)
+    assert frame.hex(" ") == (
+        "63 61 6d 2f 66 72 61 6d 65 00 01 02 04 00 01 23 45 67 89 ab cd ef "
+        "07 00 00 00 00 00 00 00 00 00 20 40 fc 54 d9 41 "
+        "82 a1 6e 01 a3 69 6d 67 c7 09 01 93 00 a3 3c 75 32 92 01 03"
+    )
+    assert bytes(external).hex(" ") == "00 00 01 00 02 00"
+    assert EXT_ARRAY == 1
+
+
+def placeholder(index: int, descr: Any = "<u1", shape: Any = (1,)) -> bytes:
+    meta = msgspec.msgpack.encode([index, descr, shape])
+    return msgspec.msgpack.encode(msgspec.msgpack.Ext(EXT_ARRAY, meta))
+
+
+@pytest.mark.parametrize(
+    ("inline", "frames", "match"),
+    [
+        pytest.param(placeholder(0), [], "without its array frames", id="no-frames"),
+        pytest.param(placeholder(1), [b"\0"], "placeholder 1", id="index-out-of-range"),
+        pytest.param(placeholder(-1), [b"\0"], "placeholder -1", id="negative-index"),
+        pytest.param(b"\x92" + placeholder(0) * 2, [b"\0"], "twice", id="duplicate"),
+        pytest.param(placeholder(0), [b"\0", b"\0"], "2 array frames", id="frame-unclaimed"),
+        pytest.param(b"\x91\x01", [b"\0"], "1 array frames but 0", id="no-placeholder"),
+        pytest.param(placeholder(0, shape=(2,)), [b"\0"], "bad array metadata", id="short-data"),
+        pytest.param(placeholder(0, descr="<q9"), [b"\0"], "bad array metadata", id="bad-dtype"),
+        pytest.param(b"\xd4\x05\x00", [b"\0"], "extension type 5", id="unknown-ext"),
+        pytest.param(b"\xd4\x01\x00", [b"\0"], "bad array placeholder", id="bad-placeholder"),
+        pytest.param(b"\xc1", [b"\0"], "malformed", id="garbage"),
+    ],
+)
+def test_hostile_tree_payloads_raise_decode_error(
+    inline: bytes, frames: list[bytes], match: str
+) -> None:
+    with pytest.raises(DecodeError, match=match):
+        decode_payload(KIND_TREE, memoryview(inline), [memoryview(f) for f in frames], DEC)
+
+
+def test_array_placeholders_outside_a_tree_are_not_arrays() -> None:
+    # kind 0 decodes with the subscriber's own decoder: an extension stays an Ext object
+    got = decode_payload(KIND_MSGPACK, memoryview(placeholder(0)), None, DEC)
+    assert isinstance(got, msgspec.msgpack.Ext)
+
+
+@pytest.mark.parametrize("kind", [KIND_MSGPACK, KIND_BYTES, KIND_NDARRAY])
+def test_several_external_frames_only_for_trees(kind: int) -> None:
+    meta = msgspec.msgpack.encode(["|u1", [1]])
+    with pytest.raises(DecodeError, match="2 external frames"):
+        decode_payload(kind, memoryview(meta), [memoryview(b"\0"), memoryview(b"\0")], DEC)
+
+
+def test_a_list_of_one_frame_is_one_frame() -> None:
+    frame, external = send(np.arange(3, dtype="u1"))
+    env = parse_envelope(frame)
+    got = decode_payload(env.kind, memoryview(frame)[env.offset :], [memoryview(external)], DEC)
+    assert_same_array(got, np.arange(3, dtype="u1"))
+
+
+tree_arrays = hnp.arrays(
+    dtype=st.one_of(hnp.integer_dtypes(), hnp.floating_dtypes(), hnp.boolean_dtypes()),
+    shape=hnp.array_shapes(min_dims=0, max_dims=3, max_side=4),
+)
+trees = st.recursive(
+    st.one_of(msgpack_leaves, tree_arrays),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+def _same_tree(got: Any, sent: Any) -> bool:
+    if isinstance(sent, np.ndarray):
+        return (isinstance(got, np.ndarray) and got.dtype == sent.dtype
+                and got.shape == sent.shape and got.tobytes() == sent.tobytes())
+    if isinstance(sent, dict):
+        return (isinstance(got, dict) and got.keys() == sent.keys()
+                and all(_same_tree(got[k], v) for k, v in sent.items()))
+    if isinstance(sent, list):
+        return (isinstance(got, list) and len(got) == len(sent)
+                and all(_same_tree(g, s) for g, s in zip(got, sent, strict=True)))
+    return bool(got == sent)
+
+
+@given(st.lists(trees, max_size=4) | st.dictionaries(st.text(max_size=6), trees, max_size=4))
+def test_arbitrary_trees_with_arrays_round_trip(sent: Any) -> None:
+    assert _same_tree(tree_trip(sent), sent)
+
+
+@given(st.binary(max_size=64), st.lists(st.binary(max_size=16), max_size=3))
+def test_random_tree_payloads_decode_or_raise_decode_error(
+    inline: bytes, frames: list[bytes]
+) -> None:
+    try:
+        decode_payload(KIND_TREE, memoryview(inline), [memoryview(f) for f in frames], DEC)
+    except DecodeError:
+        pass
