@@ -113,6 +113,8 @@ def test_forged_control_frames_change_nothing(setup: Setup) -> None:
             [b"\xff"], [b"\xfe"], [b"\xfd"],
             [_frame(b"$vbus/other", ATTACKER, 1)],
             [_frame(b"$vbus/stats/x", ATTACKER, 1)],
+            [_frame(b"$vbus/serve/0011223344556677", ATTACKER, 1)],  # a request "from" us
+            [b"\xfdvbus/serve/stage/x\0" + b"0011223344556677"],
         ]
         for frames in forged:
             attacker.send_multipart(frames)
