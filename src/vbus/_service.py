@@ -214,6 +214,9 @@ class BrokerService:
                 for sock in monitors:
                     if sock in events:
                         self._drain_monitor(sock)
+                        # A new connection may be a flooder back (ZeroMQ peers reconnect
+                        # and resend everything): look at it soon, not after its burst.
+                        next_check = min(next_check, time.monotonic() + PEER_CHECK_PERIOD)
                 if self._zap is not None and self._zap in events:
                     self._authenticate(self._zap)
                 now = time.monotonic()
