@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import logging
 import signal
 import sys
 from typing import Any
 
+from . import _limits
+from ._broker import MAX_MESSAGE_SIZE
 from ._bus import Bus
 from ._cmd_common import UserError, add_parser, say
-from ._endpoints import parse_address
+from ._endpoints import is_exposed, parse_address
 from ._security import load_keypair
 
 log = logging.getLogger("vbus.broker")
@@ -31,9 +32,12 @@ def register(commands: Any) -> None:
             "0, the port it picked); each further --bind address follows on its own line. It "
             "runs until SIGINT (Ctrl-C) or SIGTERM, then closes and exits 0.\n\n"
             "A tcp address binds two ports: PORT for publishers and PORT+1 for subscribers. "
-            "Binding tcp to anything but a loopback address (127.0.0.1, ::1, localhost) opens "
-            "the bus to the network: vbus refuses unless it has keys (--keys and --authorized: "
-            "CURVE encryption, only authorized clients get in) or you pass --insecure."
+            "Binding tcp to anything but a loopback address (127.0.0.1, ::1, localhost, or a "
+            "name the hosts file maps to loopback only) opens the bus to the network: vbus "
+            "refuses unless it has keys (--keys and --authorized: CURVE encryption, only "
+            "authorized clients get in) or you pass --insecure.\n\n"
+            "--hwm, --max-queue-bytes and --max-message-size bound what the broker holds: a "
+            "stalled subscriber costs it at most about --max-queue-bytes."
         ),
         example=(
             "examples:\n"
@@ -53,26 +57,54 @@ def register(commands: Any) -> None:
                         "tcp and ipc endpoint then encrypts and admits only --authorized keys")
     p.add_argument("--authorized", metavar="DIR",
                    help="directory of client public keys (*.pub), re-read when it changes")
+    p.add_argument("--hwm", type=_positive("--hwm"), metavar="N",
+                   help=f"queue bound in ZeroMQ messages, of the intake and of each "
+                        f"subscriber (default: {_limits.DEFAULT_HWM}, lowered to fit "
+                        f"--max-queue-bytes; given alone, taken as it is)")
+    p.add_argument("--max-queue-bytes", type=_positive("--max-queue-bytes"), metavar="BYTES",
+                   help=f"bytes of queued data a stalled subscriber may cost the broker "
+                        f"(default: {_limits.DEFAULT_MAX_QUEUE_BYTES}; at least "
+                        f"{_limits.CHUNK_SIZE + _limits.MESSAGE_OVERHEAD})")
+    p.add_argument("--max-message-size", type=_positive("--max-message-size"),
+                   default=MAX_MESSAGE_SIZE, metavar="BYTES",
+                   help=f"largest frame a network publisher may send; one that sends more "
+                        f"is disconnected (default: {MAX_MESSAGE_SIZE})")
     p.set_defaults(run=run)
 
 
+def _positive(option: str) -> Any:
+    def parse(text: str) -> int:
+        try:
+            value = int(text.replace("_", ""))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{option} takes a whole number, not {text!r}"
+                                             ) from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{option} must be at least 1, not {value}")
+        return value
+
+    return parse
+
+
 def network_exposed(address: str) -> bool:
-    """True for a tcp address that other hosts can reach (not loopback)."""
-    if not address.startswith("tcp://"):
-        return False
-    host = address[len("tcp://"): address.rindex(":")].strip("[]")
-    if host in ("localhost", "lo", "lo0"):
-        return False
+    """True for an address other hosts can reach: ``_endpoints.is_exposed``, the one rule."""
+    return is_exposed(address)
+
+
+def _bus_options(args: argparse.Namespace) -> dict[str, Any]:
     try:
-        return not ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return True  # '*', a host name or an interface name: assume the network
+        _limits.effective_hwm(args.hwm, args.max_queue_bytes, queues=2)
+    except ValueError as exc:
+        raise UserError(f"--max-queue-bytes: {exc}") from None
+    return {"hwm": args.hwm, "max_queue_bytes": args.max_queue_bytes,
+            "max_message_size": args.max_message_size}
 
 
 def run(args: argparse.Namespace) -> int:
     binds: list[str] = args.bind or [DEFAULT_BIND]
     for b in binds:
         parse_address(b)  # a bad address is one line, before anything starts
+    options = _bus_options(args)
     if (args.keys is None) != (args.authorized is None):
         raise UserError("--keys and --authorized go together")
     keypair = load_keypair(args.keys) if args.keys is not None else None
@@ -86,7 +118,8 @@ def run(args: argparse.Namespace) -> int:
     # start (they inherit the mask), so no thread but this one ever handles them.
     signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     try:
-        bus = Bus(bind=binds, keypair=keypair, authorized=args.authorized)
+        bus = Bus(bind=binds, keypair=keypair, authorized=args.authorized,
+                  **options)
         try:
             return _serve(bus, exposed)
         finally:

@@ -33,6 +33,21 @@ STATS_TOPIC = "$vbus/stats"
 
 _NIL = _wire.Payload(_wire.KIND_MSGPACK, b"\xc0")
 
+TOPIC_START = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-.:"
+"""Every byte a topic may start with (see _topics.py)."""
+CLIENT_REQUEST, CLIENT_REPLY = b"$vbus/req/", b"$vbus/reply/"  # see _broker_requests.py
+CLIENT_PREFIXES = (*(bytes([c]) for c in TOPIC_START), RETAIN, REPORT, CLIENT_REQUEST,
+                   CLIENT_REPLY)
+"""What a network peer may send through the broker: messages whose first frame starts with
+one of these (a topic; a retained copy, a report, a request, a server's reply). Everything
+else on the reserved namespace (0xFF/0xFE/0xFD-led control frames, ``$vbus/stats``,
+``$vbus/serve/``, any other ``$`` topic) belongs to the broker and is dropped."""
+
+
+def from_client(first: bytes) -> bool:
+    """The rule the broker's network intake applies (in C, as SUB subscriptions)."""
+    return first.startswith(CLIENT_PREFIXES)
+
 
 def is_acceptance(message: bytes) -> bool:
     """A publisher is accepted by its broker when the broker subscribes to it: any

@@ -7,6 +7,7 @@ its twin: the next port for tcp (``tcp://host:5555`` -> ``tcp://host:5556``), th
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 
@@ -66,12 +67,63 @@ def tcp_with_port(address: str, port: int) -> Endpoints:
     return parse_address(f"tcp://{host}:{port}")
 
 
-_LOOPBACK_HOSTS = ("127.", "localhost", "[::1]", "::1")
+HOSTS_FILE = "/etc/hosts"
+
+
+def is_exposed(address: str, hosts_file: str = HOSTS_FILE) -> bool:
+    """The one rule (API and CLI alike) for whether binding ``address`` opens the bus to
+    other machines: every tcp address is exposed unless its host is a literal loopback
+    address (127.0.0.0/8, ::1, ::ffff:127.x.y.z) or a name that resolves only to loopback.
+
+    Names are resolved without the network, so the answer is the same offline and cannot be
+    steered by a DNS server: ``localhost`` and ``*.localhost`` (RFC 6761 reserves them for
+    loopback), or a name the hosts file maps to loopback addresses only. Any other name
+    (``localhost.example.com``, ``127.attacker.example``), a wildcard (``*``, ``0.0.0.0``,
+    ``::``) and an interface name (``lo``, ``eth0``: which addresses ZeroMQ binds depends on
+    the machine) count as exposed. ipc:// and inproc:// stay on this machine."""
+    if not address.startswith("tcp://"):
+        return False
+    host = address[len("tcp://") : address.rindex(":")] if ":" in address[6:] else address[6:]
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    literal = _literal_ip(host)
+    if literal is not None:
+        return not literal
+    name = host.lower().rstrip(".")
+    if name == "localhost" or name.endswith(".localhost"):
+        return False
+    addresses = _hosts_entries(hosts_file).get(name)
+    return not addresses or not all(_literal_ip(a) for a in addresses)
 
 
 def is_loopback(endpoints: Endpoints) -> bool:
-    """True unless the address is tcp on a host other machines may reach."""
-    if not endpoints.address.startswith("tcp://"):
-        return True  # ipc and inproc stay on this machine
-    host = endpoints.address[len("tcp://") : endpoints.address.rindex(":")]
-    return host.startswith(_LOOPBACK_HOSTS)
+    """True unless the address is exposed to other machines (see ``is_exposed``)."""
+    return not is_exposed(endpoints.address)
+
+
+def _literal_ip(host: str) -> bool | None:
+    """None if ``host`` is not an IP address literal, else whether it is loopback."""
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])  # a v6 zone id names an interface
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped.is_loopback
+    return ip.is_loopback
+
+
+def _hosts_entries(path: str) -> dict[str, list[str]]:
+    """name -> addresses from a hosts file (empty if it cannot be read)."""
+    entries: dict[str, list[str]] = {}
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            lines = f.readlines()
+    except OSError:
+        return entries
+    for line in lines:
+        fields = line.split("#", 1)[0].split()
+        if len(fields) < 2:
+            continue
+        for name in fields[1:]:
+            entries.setdefault(name.lower().rstrip("."), []).append(fields[0])
+    return entries

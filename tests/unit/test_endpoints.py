@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 
 import pytest
 from hypothesis import given
@@ -172,3 +173,53 @@ def test_arbitrary_text_parses_or_raises_address_error(text: str) -> None:
         return
     assert ep.publish.startswith(("tcp://", "ipc://", "inproc://"))
     assert ep.subscribe != ep.publish or ep.publish.endswith(":0")
+
+
+# -- the one exposure rule (API warning and CLI refusal alike) ---------------------------------
+EXPOSURE = [
+    ("tcp://127.0.0.1:5555", False),
+    ("tcp://127.1.2.3:5555", False),  # all of 127.0.0.0/8 is loopback
+    ("tcp://[::1]:5555", False),
+    ("tcp://[::ffff:127.0.0.1]:5555", False),  # v4-mapped loopback
+    ("tcp://localhost:5555", False),
+    ("tcp://LOCALHOST:5555", False),
+    ("tcp://db.localhost:5555", False),  # RFC 6761: *.localhost is loopback
+    ("tcp://localhost.example.com:5555", True),  # a name that merely starts like one
+    ("tcp://127.attacker.example:5555", True),  # a name, not a literal address
+    ("tcp://0.0.0.0:5555", True),
+    ("tcp://*:5555", True),
+    ("tcp://[::]:5555", True),
+    ("tcp://192.168.1.20:5555", True),
+    ("tcp://10.0.0.1:5555", True),
+    ("tcp://[fe80::1%eth0]:5555", True),
+    ("tcp://lo:5555", True),  # an interface name: what ZeroMQ binds depends on the host
+    ("tcp://eth0:5555", True),
+    ("tcp://example.org:5555", True),
+    ("ipc:///tmp/vbus", False),
+    ("inproc://vbus", False),
+]
+
+
+@pytest.mark.parametrize(("address", "exposed"), EXPOSURE)
+def test_one_exposure_rule_for_api_and_cli(address: str, exposed: bool) -> None:
+    from vbus._cmd_broker import network_exposed
+    from vbus._endpoints import is_exposed, is_loopback
+
+    assert is_exposed(address) is exposed
+    assert is_loopback(parse_address(address)) is not exposed  # what Bus() warns on
+    assert network_exposed(address) is exposed  # what `vbus broker` refuses
+
+
+def test_a_name_is_loopback_only_if_the_hosts_file_maps_it_to_loopback_only(
+        tmp_path: pathlib.Path) -> None:
+    from vbus._endpoints import is_exposed
+
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1 here  # comment\n::1 here\n127.0.0.1 both\n"
+                     "10.1.1.1 both\n10.2.2.2 lan\n# 127.0.0.1 commented\n")
+    assert not is_exposed("tcp://here:1", str(hosts))
+    assert not is_exposed("tcp://HERE.:1", str(hosts))
+    assert is_exposed("tcp://both:1", str(hosts))  # resolves to loopback and beyond
+    assert is_exposed("tcp://lan:1", str(hosts))
+    assert is_exposed("tcp://commented:1", str(hosts))
+    assert is_exposed("tcp://here:1", str(tmp_path / "missing"))

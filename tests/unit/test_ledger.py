@@ -164,6 +164,7 @@ def test_snapshot_totals() -> None:
             "x": {"messages": 15, "bytes": 160, "message_rate": 0.0, "byte_rate": 0.0},
             "y": {"messages": 1, "bytes": 13, "message_rate": 0.0, "byte_rate": 0.0},
         },
+        "topics_total": 2,
     }
     assert list(snap["topics"]) == ["x", "y"]
 
@@ -362,3 +363,101 @@ def test_control_frame_has_seq_0_and_nil_payload() -> None:
     assert ready[:16] == b"\xffvbus/ready/tok\0"
     assert ready[16:20] == bytes([_wire.VERSION, _wire.FLAG_REPLAY, _wire.KIND_MSGPACK, 0])
     assert ready[20:36] == SENDER + bytes(8) and ready[44:] == b"\xc0"
+
+
+# -- 100 000 distinct topics: bounded memory, cheap stats ----------------------------------------
+TOPICS = 100_000
+
+
+def _traced(build: Any) -> tuple[Any, float]:
+    """``build()`` and the memory (MiB) it still holds."""
+    import gc
+    import tracemalloc
+
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        made = build()
+        gc.collect()
+        return made, (tracemalloc.get_traced_memory()[0] - before) / 2**20
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.timeout(120)
+def test_100k_topics_cost_the_ledger_bounded_memory_and_stats_stay_small() -> None:
+    import time
+
+    def build() -> Ledger:
+        ledger = Ledger("b", 0.0)
+        for p in range(100):  # 100 publishers with 1000 topics each
+            ledger.take(sender(p), pub_report({f"p{p}/t{i}": (i, 10 * i) for i in range(1000)}))
+        return ledger
+
+    ledger, mib = _traced(build)
+    first = ledger.snapshot(1.0, {}, 0)
+    ledger.take(sender(7), pub_report({f"p7/t{i}": (i + 5, 10 * i) for i in range(1000)}))
+    started = time.perf_counter()
+    snap = ledger.snapshot(2.0, {}, 0)
+    took = time.perf_counter() - started
+    size = len(stats_payload(snap).inline)
+    print(f"\nledger, {TOPICS} topics: {mib:.1f} MiB; snapshot {took * 1000:.1f} ms, "
+          f"$vbus/stats {size / 1024:.0f} KiB listing {len(snap['topics'])} topics")
+    assert mib < 64
+    assert first["topics_total"] == snap["topics_total"] == TOPICS
+    assert len(snap["topics"]) == _ledger.MAX_STATS_TOPICS
+    busy = [t for t, v in snap["topics"].items() if v["message_rate"]]
+    assert len(busy) == 1000 and all(t.startswith("p7/") for t in busy)  # the busiest first
+    assert snap["topics"]["p7/t3"]["message_rate"] == 5.0
+    assert size < 200 * 1024 and took < 0.5
+
+
+def test_topics_past_the_bound_are_refused_and_counted(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_ledger, "MAX_TOPICS", 10)
+    ledger = Ledger("b", 0.0)
+    ledger.take(sender(1), pub_report({f"t{i}": (1, 1) for i in range(15)}))
+    snap = ledger.snapshot(1.0, {}, 0)
+    assert snap["topics_total"] == 10 and ledger.topics_refused == 5
+    ledger.take(sender(1), pub_report({}, closed=True))  # its topics go with its counts
+    assert ledger.snapshot(2.0, {}, 0)["topics_total"] == 0
+
+
+@pytest.mark.timeout(120)
+def test_100k_retained_topics_are_bounded_and_replay_looks_only_where_it_must() -> None:
+    import time
+
+    def build() -> RetainedStore:
+        store = RetainedStore()
+        for i in range(TOPICS + 10):
+            store.take(*retain_frame(f"dev{i % 100}/t{i}", i))
+        return store
+
+    store, mib = _traced(build)
+    assert len(store) == _ledger.MAX_RETAINED_TOPICS and store.refused == 10
+    store.matching(compile_pattern("dev1/**"))  # builds the index once
+    started = time.perf_counter()
+    for _ in range(100):
+        exact = store.matching(compile_pattern("dev7/t7"))
+        under = store.matching(compile_pattern("dev7/**"))
+    took = (time.perf_counter() - started) / 100
+    everything = store.matching(compile_pattern("**"), limit=500)
+    print(f"\nretained store, {TOPICS} topics: {mib:.1f} MiB; replay lookup "
+          f"{took * 1000:.2f} ms (exact + 'dev7/**')")
+    assert len(exact) == 1 and len(under) == TOPICS // 100 and len(everything) == 500
+    assert mib < 64 and took < 0.05
+
+
+def test_subscriber_count_is_exact_in_bounded_memory() -> None:
+    from vbus._ledger import SubscriberCount
+
+    count = SubscriberCount(limit=3)
+    for token in (b"a", b"b", b"c", b"d", b"e", b"a"):  # a repeat counts once
+        count.add(token)
+    assert len(count) == 5 and len(count._tokens) == 3  # noqa: SLF001 - the bound itself
+    for token in (b"d", b"a", b"e", b"zz"):  # "zz" was never there: nothing to take
+        count.discard(token)
+    assert len(count) == 2
+    count.discard(b"b")
+    count.discard(b"c")
+    assert len(count) == 0
