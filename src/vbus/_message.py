@@ -23,3 +23,11 @@ class Message(msgspec.Struct, frozen=True, gc=False):
     seq: int
     time: float
     retained: bool = False
+
+
+def args_as_data(args: tuple[Any, ...]) -> Any:
+    """The payload of a signal's emission (Qt or psygnal), one rule for both bridges: no
+    argument is None, one is itself, several are a list."""
+    if not args:
+        return None
+    return args[0] if len(args) == 1 else list(args)

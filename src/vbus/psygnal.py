@@ -22,7 +22,7 @@ from psygnal import Signal, SignalInstance
 
 from ._bus import Bus
 from ._errors import Closed, EncodeError
-from ._message import Message
+from ._message import Message, args_as_data
 from ._publisher import AsyncPublisher, Publisher
 from ._subscriber import AsyncSubscriber, SubscriberStats
 from ._topics import validate_topic
@@ -114,14 +114,7 @@ def forward(
     name = _signal_name(signal)
 
     def slot(*args: Any) -> None:
-        if convert is not None:
-            data = convert(*args)
-        elif not args:
-            data = None
-        elif len(args) == 1:
-            data = args[0]
-        else:
-            data = list(args)
+        data = convert(*args) if convert is not None else args_as_data(args)
         try:
             publisher.publish(topic, data, retain=retain)
         except Closed:

@@ -40,7 +40,7 @@ from qtpy.QtCore import QCoreApplication, QObject, QSocketNotifier, Signal, Slot
 
 from ._bus import Bus
 from ._errors import Closed
-from ._message import Message
+from ._message import Message, args_as_data
 from ._publisher import AsyncPublisher, Publisher
 from ._seq import BurstLog
 from ._subscriber import Subscriber
@@ -483,14 +483,7 @@ def forward(
         raise TypeError("forward() needs a sync Publisher (bus.publisher()), not an AsyncPublisher")
 
     def slot(*args: Any) -> None:
-        if convert is not None:
-            data = convert(*args)
-        elif not args:
-            data = None
-        elif len(args) == 1:
-            data = args[0]
-        else:
-            data = list(args)
+        data = convert(*args) if convert is not None else args_as_data(args)
         try:
             publisher.publish(topic, data, retain=retain)
         except Closed:
