@@ -26,7 +26,7 @@ import secrets
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import msgspec
 import zmq
@@ -75,6 +75,11 @@ class _State(enum.Enum):
     OPEN = "open"  # receiving
     CLOSING = "closing"  # close() was called while a receiver was inside; it will close
     CLOSED = "closed"  # the socket and the waker are closed
+
+
+_OPEN = _State.OPEN  # the fast paths' test, without an attribute lookup
+_EVENTS = zmq.EVENTS
+_POLLIN = zmq.POLLIN
 
 
 def _recv_into(sock: zmq.Socket[bytes], inbox: Inbox) -> bool:
@@ -220,9 +225,13 @@ class Subscriber:
             if messages:
                 return messages.popleft()
             inbox, sock = self._inbox, self._sock
+            events = cast("Callable[[int], int]", sock.getsockopt)
             moved = 0
             try:
-                while moved < DRAIN_LIMIT and _recv_into(sock, inbox):
+                # Ask EVENTS before each recv: an empty socket answers it in a third of the
+                # time a recv takes to raise zmq.Again, and every look ends on an empty one.
+                while (moved < DRAIN_LIMIT and events(_EVENTS) & _POLLIN
+                       and _recv_into(sock, inbox)):
                     moved += 1
             except zmq.ZMQError as exc:  # never expected: nobody closes the socket under us
                 raise Closed(f"subscriber {self._pattern.text!r}: {exc}") from None
@@ -254,11 +263,15 @@ class Subscriber:
     # -- the sync shell ---------------------------------------------------------------------
     def recv(self, timeout: float | None = None) -> Message:
         """The next message. TimeoutError after ``timeout`` s; Closed once closed."""
-        if self._messages and self._state is _State.OPEN:
+        messages = self._messages
+        if messages and self._state is _OPEN:
             try:
-                return self._messages.popleft()  # the fast path of a flood
+                return messages.popleft()  # the fast path of a flood
             except IndexError:
                 pass  # another thread took it
+        return self._recv_slow(timeout)
+
+    def _recv_slow(self, timeout: float | None) -> Message:
         self._claim()
         try:
             deadline = Deadline(timeout)
@@ -280,6 +293,12 @@ class Subscriber:
         return self
 
     def __next__(self) -> Message:
+        messages = self._messages
+        if messages and self._state is _OPEN:
+            try:
+                return messages.popleft()  # recv()'s fast path, without its call
+            except IndexError:
+                pass
         try:
             return self.recv()
         except Closed:
