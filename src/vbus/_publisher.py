@@ -35,6 +35,9 @@ _PREFIX_CACHE_LIMIT = 4096
 _DRAIN_EVERY = 256
 LINGER = 0.25
 _wall = time.time
+# Plain ints: pyzmq's flag enums cost a Python-level Flag.__or__/__and__ at each use.
+_NOBLOCK = int(zmq.NOBLOCK)
+_NOBLOCK_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
 
 
 class PublisherOwner(Protocol):
@@ -195,16 +198,16 @@ class Publisher:
             frames = send.frames
             try:
                 if len(frames) == 1:
-                    sock.send(frames[0], zmq.NOBLOCK)
+                    sock.send(frames[0], _NOBLOCK)
                 else:
-                    sock.send(frames[0], zmq.NOBLOCK | zmq.SNDMORE)
+                    sock.send(frames[0], _NOBLOCK_MORE)
                     for extra in frames[1:-1]:
-                        sock.send(extra, zmq.NOBLOCK | zmq.SNDMORE, copy=False)
+                        sock.send(extra, _NOBLOCK_MORE, copy=False)
                     if send.tracked:
-                        tracker = sock.send(frames[-1], zmq.NOBLOCK, copy=False, track=True)
+                        tracker = sock.send(frames[-1], _NOBLOCK, copy=False, track=True)
                         outbox.track(tracker, send.tracked)
                     else:
-                        sock.send(frames[-1], zmq.NOBLOCK, copy=False)
+                        sock.send(frames[-1], _NOBLOCK, copy=False)
                 if send.last:
                     outbox.published += send.count
             except zmq.Again:
@@ -228,7 +231,7 @@ class Publisher:
         # The broker forwards subscription changes to publishers; we need none of them.
         while True:
             try:
-                self._sock.recv(zmq.NOBLOCK)
+                self._sock.recv(_NOBLOCK)
             except zmq.Again:
                 return
 
