@@ -196,6 +196,10 @@ class Publisher:
                 skipping = not send.last
                 continue
             frames = send.frames
+            # Counted before the send: an in-process subscriber may have the message (and a
+            # reader the stats) before send() returns here.
+            counted = send.count if send.last else 0
+            outbox.published += counted
             try:
                 if len(frames) == 1:
                     sock.send(frames[0], _NOBLOCK)
@@ -208,9 +212,8 @@ class Publisher:
                         outbox.track(tracker, send.tracked)
                     else:
                         sock.send(frames[-1], _NOBLOCK, copy=False)
-                if send.last:
-                    outbox.published += send.count
             except zmq.Again:
+                outbox.published -= counted
                 outbox.dropped += send.count
                 skipping = not send.last
             except zmq.ZMQError as exc:

@@ -6,7 +6,8 @@ crash the interpreter (SIGSEGV, SIGABRT in libzmq) or hang it.
 
 Knobs (environment): VBUS_ADVERSITY_SEED, VBUS_ADVERSITY_CYCLES (per child, 4 children),
 VBUS_ADVERSITY_WAKE (s, the bound on a reader's wake-up after close() returned, default 0.1),
-VBUS_ADVERSITY_SLACK (s, scheduling slack added to close()'s own timeout, default 0.1).
+VBUS_ADVERSITY_SLACK (s, scheduling slack added to close()'s own timeout, default 0.25: on two
+cores shared with other test suites, a 0-timeout close was measured at up to 0.18 s).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ SEED = int(os.environ.get("VBUS_ADVERSITY_SEED", "20261201"))
 CYCLES = int(os.environ.get("VBUS_ADVERSITY_CYCLES", "100"))
 CHILDREN = 4
 WAKE = float(os.environ.get("VBUS_ADVERSITY_WAKE", "0.1"))
-SLACK = float(os.environ.get("VBUS_ADVERSITY_SLACK", "0.1"))
+SLACK = float(os.environ.get("VBUS_ADVERSITY_SLACK", "0.25"))
 # The close timeouts drawn from; a long one (say 2.0) checks the harness itself on any core.
 TIMEOUTS = os.environ.get("VBUS_ADVERSITY_TIMEOUTS", "0,0.001,0.01")
 
