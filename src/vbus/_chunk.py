@@ -112,20 +112,18 @@ class Assembly:
         return views[0] if len(views) == 1 else views
 
 
-def parse_first(meta: memoryview) -> tuple[int, int, int, bytes, list[int]]:
-    """(index, count, kind, inline, sizes) of a chunk that starts a message."""
-    try:
-        return _FIRST.decode(meta)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise DecodeError(f"malformed first chunk: {exc}") from None
-
-
-def parse_index(meta: memoryview) -> tuple[int, int]:
-    """(index, count) of any chunk."""
+def parse_meta(meta: memoryview) -> tuple[int, int, tuple[int, bytes, list[int]] | None]:
+    """(index, count, first) of any chunk, decoded once; ``first`` is (kind, inline, sizes)
+    for the chunk that starts a message (index 0), else None."""
     try:
         if bytes(meta[:1]) == b"\x95":
-            first = _FIRST.decode(meta)
-            return first[0], first[1]
-        return _LATER.decode(meta)
+            index, count, kind, inline, sizes = _FIRST.decode(meta)
+            if index != 0:
+                raise DecodeError(f"chunk {index} carries a first chunk's metadata")
+            return index, count, (kind, inline, sizes)
+        index, count = _LATER.decode(meta)
+        if index == 0:
+            raise DecodeError("a first chunk without its metadata")
+        return index, count, None
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise DecodeError(f"malformed chunk: {exc}") from None

@@ -19,6 +19,7 @@ subscriber discard later messages.
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -77,11 +78,10 @@ class Inbox:
         self.errors = 0
         self.invalid = 0
         self.duplicates = 0
-        self.loss_log = BurstLog(log, f"subscriber {pattern.text!r} lost messages")
-        self.error_log = BurstLog(log, f"subscriber {pattern.text!r} skipped a message")
-        if clock is not None:
-            self.loss_log = BurstLog(log, self.loss_log._what, clock=clock)
-            self.error_log = BurstLog(log, self.error_log._what, clock=clock)
+        now = time.monotonic if clock is None else clock
+        self.loss_log = BurstLog(log, f"subscriber {pattern.text!r} lost messages", clock=now)
+        self.error_log = BurstLog(log, f"subscriber {pattern.text!r} skipped a message",
+                                  clock=now)
 
     # -- counters ---------------------------------------------------------------------------
     @property
@@ -260,11 +260,11 @@ class Inbox:
         meta = memoryview(first)[env.offset :]
         assembly = self._assemblies.get(env.sender)
         try:
-            index, count = _chunk.parse_index(meta)
-            if index == 0:
+            index, count, first_meta = _chunk.parse_meta(meta)
+            if first_meta is not None:
                 if assembly is not None:
                     self._abandon(env.sender)
-                _, count, kind, inline, sizes = _chunk.parse_first(meta)
+                kind, inline, sizes = first_meta
                 total = sum(sizes)
                 if count < 1 or any(n < 0 for n in sizes) or kind in (
                     _wire.KIND_BATCH, _wire.KIND_CHUNK
