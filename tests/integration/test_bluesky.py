@@ -109,7 +109,11 @@ def RE() -> Iterator[RunEngine]:
 
 @pytest.fixture
 def network_bus(leakcheck: Any) -> Iterator[vbus.Bus]:
-    b = vbus.Bus(bind="tcp://127.0.0.1:0", **BUS_OPTIONS)
+    # Room for the rate test's burst, as its dispatcher asks for (hwm=100_000): 300 images of
+    # 160 KiB cross tcp as ~900 chunks sent back to back, more than the default queues of
+    # 1000 hold when the broker falls behind; a stop document dropped (and counted) there
+    # would leave the dispatcher waiting for it.
+    b = vbus.Bus(bind="tcp://127.0.0.1:0", hwm=100_000, **BUS_OPTIONS)
     yield b
     started = time.monotonic()
     b.close()
