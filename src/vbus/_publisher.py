@@ -34,6 +34,10 @@ from ._waker import Waker
 _PREFIX_CACHE_LIMIT = 4096
 _DRAIN_EVERY = 256
 LINGER = 0.25
+_wall = time.time
+# Plain ints: pyzmq's flag enums cost a Python-level Flag.__or__/__and__ at each use.
+_NOBLOCK = int(zmq.NOBLOCK)
+_NOBLOCK_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
 
 
 class PublisherOwner(Protocol):
@@ -95,6 +99,8 @@ class Publisher:
         self._closed = False
         self._close_requested = False
         self._dead = False  # after fork, in the child: nothing may touch the socket
+        # Any of the three: the one flag that publish() looks at, before and under the lock.
+        self._halted = False
 
     @property
     def id(self) -> str:
@@ -109,42 +115,48 @@ class Publisher:
         """Publish ``data`` on ``topic``; with ``retain`` the broker keeps it as the topic's
         last value for subscribers that join later. Raises TopicError or EncodeError before
         anything is sent, Closed after close()."""
-        self._publish(topic, data, retain)
+        # The hot path: one call into the outbox under the lock, one flag before and under it.
+        prefix = self._prefixes.get(topic)
+        if prefix is None:
+            prefix = self._learn(topic)
+        if self._halted and self._dead:
+            raise Closed("publisher belongs to the parent process (fork)")
+        outbox = self._outbox
+        with self._lock:
+            if self._halted:
+                self._closed_under_lock()
+            sends = outbox.publish(topic, prefix, data, retain, _wall())
+            if sends:
+                self._transmit(sends)
+            if outbox.batch_started:
+                self._batch_started()
 
     def clear_retained(self, topic: str) -> None:
         """Forget the retained value of ``topic`` at the broker."""
         prefix = self._prefixes.get(topic) or self._learn(topic)
         self._run(lambda: self._outbox.clear_retained(prefix))
 
-    def _publish(self, topic: str, data: Any, retain: bool) -> None:
-        prefix = self._prefixes.get(topic)
-        if prefix is None:
-            prefix = self._learn(topic)
-        if self._dead:
-            raise Closed("publisher belongs to the parent process (fork)")
+    def _batch_started(self) -> None:
+        # Caller holds the lock: the outbox opened a batch, the bus's flusher sends it if
+        # nothing else does in time.
         outbox = self._outbox
-        with self._lock:
-            if self._closed or self._close_requested:
-                self._closed_under_lock()
-            sends = outbox.publish(topic, prefix, data, retain, time.time())
-            if sends:
-                self._transmit(sends)
-            if outbox.batch_started:
-                outbox.batch_started = False
-                due = outbox.due()
-                if due is not None and self._owner is not None:
-                    self._owner._batch_started(self, due)
+        outbox.batch_started = False
+        due = outbox.due()
+        if due is not None and self._owner is not None:
+            self._owner._batch_started(self, due)
 
     def _run(self, make: Callable[[], Sequence[Send]]) -> None:
         if self._dead:
             raise Closed("publisher belongs to the parent process (fork)")
         with self._lock:
-            if self._closed or self._close_requested:
+            if self._halted:
                 self._closed_under_lock()
             self._transmit(make())
 
     def _closed_under_lock(self) -> None:
         # Caller holds the lock: carry out a close that could not take it, then refuse.
+        if self._dead:
+            raise Closed("publisher belongs to the parent process (fork)")
         if not self._closed:
             self._close_locked(0.0)
         raise Closed("publisher is closed")
@@ -159,7 +171,7 @@ class Publisher:
         if due > time.time():
             return due
         with self._lock:
-            if self._closed or self._close_requested:
+            if self._halted:
                 if not self._closed:
                     self._close_locked(0.0)
                 return None
@@ -190,16 +202,16 @@ class Publisher:
             outbox.published += counted
             try:
                 if len(frames) == 1:
-                    sock.send(frames[0], zmq.NOBLOCK)
+                    sock.send(frames[0], _NOBLOCK)
                 else:
-                    sock.send(frames[0], zmq.NOBLOCK | zmq.SNDMORE)
+                    sock.send(frames[0], _NOBLOCK_MORE)
                     for extra in frames[1:-1]:
-                        sock.send(extra, zmq.NOBLOCK | zmq.SNDMORE, copy=False)
+                        sock.send(extra, _NOBLOCK_MORE, copy=False)
                     if send.tracked:
-                        tracker = sock.send(frames[-1], zmq.NOBLOCK, copy=False, track=True)
+                        tracker = sock.send(frames[-1], _NOBLOCK, copy=False, track=True)
                         outbox.track(tracker, send.tracked)
                     else:
-                        sock.send(frames[-1], zmq.NOBLOCK, copy=False)
+                        sock.send(frames[-1], _NOBLOCK, copy=False)
             except zmq.Again:
                 outbox.published -= counted
                 outbox.dropped += send.count
@@ -222,7 +234,7 @@ class Publisher:
         # The broker forwards subscription changes to publishers; we need none of them.
         while True:
             try:
-                self._sock.recv(zmq.NOBLOCK)
+                self._sock.recv(_NOBLOCK)
             except zmq.Again:
                 return
 
@@ -242,7 +254,7 @@ class Publisher:
             return True
         # Never wait on our own thread: a signal handler may have interrupted a publish here.
         if not self._lock.acquire(timeout=min(max(timeout, 0.0), 0.1)):
-            self._close_requested = True
+            self._close_requested = self._halted = True
             return False
         try:
             self._close_locked(linger)
@@ -262,7 +274,7 @@ class Publisher:
         except Closed:
             pass
         finally:
-            self._closed = True
+            self._closed = self._halted = True
             self._sock.close(int(max(linger, 0.0) * 1000))
             owner = self._owner
             if owner is not None:
@@ -271,7 +283,7 @@ class Publisher:
 
     def _mark_dead(self) -> None:
         """After fork, in the child: every call raises Closed, nothing touches the socket."""
-        self._dead = True
+        self._dead = self._halted = True
 
     def __enter__(self) -> Publisher:
         return self
@@ -289,7 +301,7 @@ class AsyncPublisher(Publisher):
 
     async def publish(self, topic: str, data: Any, *, retain: bool = False) -> None:  # type: ignore[override]
         """Publish ``data`` on ``topic`` (see Publisher.publish); never blocks the loop."""
-        self._publish(topic, data, retain)
+        Publisher.publish(self, topic, data, retain=retain)
 
     async def clear_retained(self, topic: str) -> None:  # type: ignore[override]
         """Forget the retained value of ``topic`` at the broker."""

@@ -45,10 +45,9 @@ class Waker:
         self.close()
 
     def close(self) -> None:
-        fds = getattr(self, "_fds", None)  # None: Ctrl-C came before __init__ made the list
-        while fds:
+        while True:
             try:
-                fd = fds.pop()
-            except IndexError:  # another thread took the last
+                fd = self._fds.pop()
+            except IndexError:  # none left (or another thread took the last)
                 return
             os.close(fd)
