@@ -45,9 +45,10 @@ class Waker:
         self.close()
 
     def close(self) -> None:
-        while True:
+        fds = getattr(self, "_fds", None)  # None: Ctrl-C came before __init__ made the list
+        while fds:
             try:
-                fd = self._fds.pop()
-            except IndexError:  # none left (or another thread took the last)
+                fd = fds.pop()
+            except IndexError:  # another thread took the last
                 return
             os.close(fd)
