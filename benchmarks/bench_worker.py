@@ -227,7 +227,30 @@ class VbusRx:
         self.first = None
 
     def pump(self, gap: float, limit: float) -> tuple[int, float, float]:
-        """Receive until ``limit`` messages or ``gap`` s without one; count and time them."""
+        """Receive until ``limit`` messages or ``gap`` s without one; count and time them.
+        With ``recv_batch`` (the public API for floods) every message that is here comes in
+        one call; each message's data is still taken, as a consumer would."""
+        recv_batch = getattr(self.sub, "recv_batch", None)
+        if recv_batch is None:  # a vbus without it (--src of an older checkout)
+            return self._pump_one_by_one(gap, limit)
+        n = 0
+        t_first = t_last = 0.0
+        data = None
+        try:
+            while n < limit:
+                for msg in recv_batch(gap):
+                    data = msg.data
+                    n += 1
+                t_last = now()
+                if not t_first:
+                    t_first = t_last
+        except TimeoutError:
+            pass
+        if n and self.first is None:
+            self.first = data
+        return n, t_first, t_last
+
+    def _pump_one_by_one(self, gap: float, limit: float) -> tuple[int, float, float]:
         recv = self.sub.recv
         n = 0
         t_first = t_last = 0.0
