@@ -245,14 +245,23 @@ class _Core:
         )
 
     def publisher(self, cls: type[Publisher]) -> Any:
+        sock, linger = self.publisher_socket()
+        return self.adopt(cls(sock, self.new_outbox(), owner=self, linger=linger,
+                              lanes=self.lane))
+
+    def lane(self) -> Publisher:
+        """Another publishing thread's lane of a publisher (closed by that publisher)."""
+        sock, linger = self.publisher_socket()
+        return Publisher(sock, self.new_outbox(), owner=self, linger=linger)
+
+    def publisher_socket(self) -> tuple[zmq.Socket[bytes], float]:
         self.check_open()
         assert self.endpoints is not None
         with self.handshake() as closing:
             sock = connect_publisher(self.context, self.endpoints.publish, self.timeout,
                                      effective_hwm(self.hwm, self.max_queue_bytes),
                                      self.configure, closing)
-        linger = LINGER if self.endpoints.is_network else 0.0
-        return self.adopt(cls(sock, self.new_outbox(), owner=self, linger=linger))
+        return sock, LINGER if self.endpoints.is_network else 0.0
 
     def subscribe(self, cls: type[S], pattern: str, type: Any, hwm: int | None,
                   on_loss: LossHook | None, max_queue_bytes: int | None) -> S:

@@ -35,7 +35,10 @@ from ._waker import Waker
 _PREFIX_CACHE_LIMIT = 4096
 _DRAIN_EVERY = 256
 LINGER = 0.25
+MAX_LANES = 16
+"""Lanes (sockets) of one Publisher at most; more publishing threads than that share them."""
 _wall = time.time
+_get_ident = threading.get_ident
 # Plain ints: pyzmq's flag enums cost a Python-level Flag.__or__/__and__ at each use.
 _NOBLOCK = int(zmq.NOBLOCK)
 _NOBLOCK_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
@@ -86,10 +89,21 @@ def connect_publisher(
 
 
 class Publisher:
-    """Publishes to the bus. Thread-safe; ``publish`` never blocks."""
+    """Publishes to the bus. Thread-safe; ``publish`` never blocks.
+
+    Each publishing thread gets a *lane* of its own: a socket and an outbox, so that threads
+    never hand a lock to one another (under the GIL, that hand-off costs more than the
+    publish). The first thread that publishes uses the publisher's own socket, made by
+    ``bus.publisher()``; each other thread's first publish makes its lane (a handshake with
+    the broker, once per thread: lanes of threads that ended are reused), up to MAX_LANES,
+    after which threads share lanes. A lane is a sender of its own: ``Message.sender`` names
+    the lane a message went through (``pub.id`` for the first publishing thread, one of
+    ``pub.senders`` for others), and order holds per publishing thread, across its topics.
+    """
 
     def __init__(self, sock: zmq.Socket[bytes], outbox: Outbox, *,
-                 owner: PublisherOwner | None = None, linger: float = LINGER) -> None:
+                 owner: PublisherOwner | None = None, linger: float = LINGER,
+                 lanes: Callable[[], Publisher] | None = None) -> None:
         self._sock = sock
         self._outbox = outbox
         self._owner = owner
@@ -102,11 +116,24 @@ class Publisher:
         self._dead = False  # after fork, in the child: nothing may touch the socket
         # Any of the three: the one flag that publish() looks at, before and under the lock.
         self._halted = False
+        # Lanes: ``_thread`` is the ident of the thread that uses this lane (0: none yet);
+        # ``_make_lane`` (None for a lane itself) makes another thread's lane.
+        self._thread = 0
+        self._make_lane = lanes
+        self._lanes: list[Publisher] = []  # made for other threads, closed by close()
+        self._lane_of: dict[int, tuple[threading.Thread, Publisher]] = {}
+        self._lanes_lock = threading.Lock()
 
     @property
     def id(self) -> str:
         """The sender id that subscribers see in ``Message.sender``."""
         return self._outbox.sender.hex()
+
+    @property
+    def senders(self) -> tuple[str, ...]:
+        """Every sender id this publisher's messages carry: ``id`` first, then one per lane
+        that other publishing threads use."""
+        return (self.id, *(lane.id for lane in list(self._lanes)))
 
     @property
     def closed(self) -> bool:
@@ -117,6 +144,11 @@ class Publisher:
         last value for subscribers that join later. Raises TopicError or EncodeError before
         anything is sent, Closed after close()."""
         # The hot path: one call into the outbox under the lock, one flag before and under it.
+        if _get_ident() != self._thread:
+            lane = self._lane()
+            if lane is not self:
+                Publisher.publish(lane, topic, data, retain=retain)
+                return
         prefix = self._prefixes.get(topic)
         if prefix is None:
             prefix = self._learn(topic)
@@ -134,8 +166,59 @@ class Publisher:
 
     def clear_retained(self, topic: str) -> None:
         """Forget the retained value of ``topic`` at the broker."""
-        prefix = self._prefixes.get(topic) or self._learn(topic)
-        self._run(lambda: self._outbox.clear_retained(prefix))
+        lane = self._lane()
+        prefix = lane._prefixes.get(topic) or lane._learn(topic)
+        lane._run(lambda: lane._outbox.clear_retained(prefix))
+
+    # -- lanes ----------------------------------------------------------------------------
+    def _lane(self) -> Publisher:
+        """The calling thread's lane (this publisher itself for the first thread)."""
+        ident = _get_ident()
+        if ident == self._thread:
+            return self
+        if self._make_lane is None:  # a lane (or a publisher without lanes): one socket
+            if not self._thread:
+                self._thread = ident
+            return self
+        entry = self._lane_of.get(ident)
+        if entry is not None:
+            return entry[1]
+        return self._new_thread(ident)
+
+    def _new_thread(self, ident: int) -> Publisher:
+        # A thread's first publish: a free lane (this publisher's own socket first), a new
+        # one, or past MAX_LANES the least shared one. A thread keeps its lane while it runs,
+        # so its messages keep their order.
+        thread = threading.current_thread()
+        with self._lanes_lock:
+            if self._make_lane is None:  # closed (or closing) meanwhile
+                return self
+            users: dict[int, int] = {}
+            for key, (user, lane) in list(self._lane_of.items()):
+                if user.is_alive():
+                    users[id(lane)] = users.get(id(lane), 0) + 1
+                else:
+                    del self._lane_of[key]  # that thread ended: its lane is free again
+            lanes = (self, *self._lanes)
+            chosen = next((lane for lane in lanes if id(lane) not in users), None)
+            if chosen is not None:
+                chosen._thread = ident  # the lane's fast path is this thread's now
+            elif len(lanes) >= MAX_LANES:
+                chosen = min(lanes, key=lambda lane: users[id(lane)])
+            if chosen is not None:
+                self._lane_of[ident] = (thread, chosen)
+                return chosen
+            make = self._make_lane
+        assert make is not None
+        lane = make()  # the handshake, outside our lock: other threads go on publishing
+        with self._lanes_lock:
+            if self._make_lane is None:  # closed meanwhile
+                lane._close(0.0, 0.0)
+                return self
+            lane._thread = ident
+            self._lanes.append(lane)
+            self._lane_of[ident] = (thread, lane)
+        return lane
 
     def _batch_started(self) -> None:
         # Caller holds the lock: the outbox opened a batch, the bus's flusher sends it if
@@ -185,7 +268,8 @@ class Publisher:
 
     def _publish_frames(self, frame: bytes, external: Any = None) -> None:
         """Send a message that is already framed (replay keeps its original header)."""
-        self._run(lambda: self._outbox.relay(frame, external))
+        lane = self._lane()
+        lane._run(lambda: lane._outbox.relay(frame, external))
 
     def _transmit(self, sends: Sequence[Send]) -> None:
         # Caller holds self._lock: the only thread in the socket.
@@ -240,7 +324,10 @@ class Publisher:
                 return
 
     def stats(self) -> PublisherStats:
-        return PublisherStats(self.id, self._outbox.published, self._outbox.dropped)
+        """Counters of every lane together, under ``id``."""
+        boxes = [self._outbox, *(lane._outbox for lane in list(self._lanes))]
+        return PublisherStats(self.id, sum(b.published for b in boxes),
+                              sum(b.dropped for b in boxes))
 
     def close(self) -> None:
         """Close the publisher. Idempotent; ``publish`` afterwards raises Closed.
@@ -249,8 +336,20 @@ class Publisher:
         self._close(self._linger, timeout=1.0)
 
     def _close(self, linger: float, timeout: float) -> bool:
-        """Close within ``timeout``; False if another thread holds the socket, which then
+        """Close within ``timeout``; False if another thread holds a socket, which then
         closes it the next time it takes the lock."""
+        lanes_closed = True
+        if self._make_lane is not None:
+            with self._lanes_lock:
+                self._make_lane = None  # no new lane from now on
+                lanes = list(self._lanes)
+            deadline = Deadline(timeout)
+            lanes_closed = all([lane._close(linger, deadline.remaining() or 0.0)
+                                for lane in lanes])
+            timeout = deadline.remaining() or 0.0
+        return self._close_own(linger, timeout) and lanes_closed
+
+    def _close_own(self, linger: float, timeout: float) -> bool:
         if self._closed or self._dead:
             return True
         # Never wait on our own thread: a signal handler may have interrupted a publish here.
@@ -285,6 +384,8 @@ class Publisher:
     def _mark_dead(self) -> None:
         """After fork, in the child: every call raises Closed, nothing touches the socket."""
         self._dead = self._halted = True
+        for lane in list(self._lanes):
+            lane._mark_dead()
 
     def __enter__(self) -> Publisher:
         return self

@@ -278,6 +278,24 @@ class Subscriber:
                 pass  # another thread took it
         return self._recv_slow(timeout)
 
+    def recv_batch(self, timeout: float | None = None) -> list[Message]:
+        """Every message that is here, in order, at least one: waits like ``recv()`` for
+        the first. The way to keep up with a flood: one call however many messages came in
+        a batch. TimeoutError after ``timeout`` s; Closed once closed."""
+        return self._take_queued(self.recv(timeout))
+
+    def _take_queued(self, first: Message) -> list[Message]:
+        # What the inbox holds already, without a call per message. popleft, not a copy and
+        # a clear: a recv() in another thread may take one meanwhile, never both of us.
+        messages = self._messages
+        pop = messages.popleft
+        batch = [first]
+        try:
+            batch += [pop() for _ in range(len(messages))]
+        except IndexError:
+            pass  # another thread took the last ones
+        return batch
+
     def _recv_slow(self, timeout: float | None) -> Message:
         self._claim()
         try:
@@ -409,6 +427,10 @@ class AsyncSubscriber(Subscriber):
                 await self._wait_async(deadline)
         finally:
             self._release()
+
+    async def recv_batch(self, timeout: float | None = None) -> list[Message]:  # type: ignore[override]
+        """Every message that is here, in order, at least one (see Subscriber.recv_batch)."""
+        return self._take_queued(await self.recv(timeout))
 
     async def _wait_async(self, deadline: Deadline) -> None:
         loop = asyncio.get_running_loop()

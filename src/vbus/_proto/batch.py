@@ -9,7 +9,6 @@ call however many messages it holds.
 
 from __future__ import annotations
 
-import struct
 from typing import Any
 
 import msgspec
@@ -20,40 +19,47 @@ MAX_MESSAGES = 256
 MAX_BYTES = 64 * 1024  # payload bytes in one batch; larger messages are never batched
 
 
-# Each entry is written as msgpack directly: fixarray(2), float64 time, then the payload,
-# which is already msgpack. No objects per message but the two bytes pieces.
-_ENTRY_HEAD = struct.Struct(">BBd")
+# The entries wait as ``(time, item)`` pairs, encoded together when the batch leaves (one
+# msgspec call: an array of fixarray(2) [float64, payload]). ``item`` is a bytes payload
+# itself (msgspec writes it as bin, no copy until then) or the msgpack of any other value as
+# msgspec.Raw (encoded at publish, so that a value that cannot be encoded fails there).
+_ENCODER = msgspec.msgpack.Encoder()
+Item = bytes | msgspec.Raw
+
+
+def item_size(item: Item) -> int:
+    """An item's bytes in the batch payload: a bytes payload gets its bin head."""
+    n = len(item)
+    if type(item) is bytes:
+        return n + (2 if n < 0x100 else 3 if n < 0x10000 else 5)
+    return n
 
 
 class Batch:
     """Messages waiting to go out together; the caller keeps their seqs consecutive."""
 
-    __slots__ = ("prefix", "first_seq", "first_time", "pieces", "count", "size")
+    __slots__ = ("prefix", "first_seq", "first_time", "entries", "count", "size")
 
-    def __init__(self, prefix: bytes, seq: int, when: float, payload: bytes) -> None:
+    def __init__(self, prefix: bytes, seq: int, when: float, item: Item) -> None:
         self.prefix = prefix
         self.first_seq = seq
         self.first_time = when
-        self.pieces = [_ENTRY_HEAD.pack(0x92, 0xCB, when), payload]
+        self.entries: list[tuple[float, Item]] = [(when, item)]
         self.count = 1
-        self.size = len(payload)
+        self.size = item_size(item)
 
-    def add(self, when: float, payload: bytes) -> bool:
+    def add(self, when: float, item: Item) -> bool:
         """Add one message; True when the batch is full and should go now."""
-        pieces = self.pieces
-        pieces.append(_ENTRY_HEAD.pack(0x92, 0xCB, when))
-        pieces.append(payload)
+        self.entries.append((when, item))
         self.count += 1
-        self.size += len(payload)
+        self.size += item_size(item)
         return self.count >= MAX_MESSAGES or self.size >= MAX_BYTES
 
     def __len__(self) -> int:
         return self.count
 
-    def frame(self, sender: bytes, encoder: msgspec.msgpack.Encoder | None = None) -> bytes:
-        n = self.count
-        head = bytes([0x90 | n]) if n < 16 else b"\xdc" + n.to_bytes(2, "big")
-        payload = _wire.Payload(_wire.KIND_BATCH, head + b"".join(self.pieces))
+    def frame(self, sender: bytes) -> bytes:
+        payload = _wire.Payload(_wire.KIND_BATCH, _ENCODER.encode(self.entries))
         frame, _ = _wire.build_frames(
             self.prefix, 0, sender, self.first_seq, self.first_time, payload
         )

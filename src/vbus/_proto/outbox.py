@@ -24,6 +24,8 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+import msgspec
+
 from .._errors import DecodeError, EncodeError
 from . import batch as _batch
 from . import chunk as _chunk
@@ -39,7 +41,8 @@ OVERHEAD = 12  # bytes per message besides its payload, for the broker's byte co
 _PLAIN = frozenset({float, int, str, bool, type(None), dict, list, tuple})
 BATCHABLE = _batch.MAX_BYTES // 16  # larger payloads are sent on their own
 _NOTHING: tuple[()] = ()  # what most publishes in a burst send: nothing yet
-_ENTRY_HEAD = _batch._ENTRY_HEAD.pack  # one batch entry's head: fixarray(2), float64 time
+_RAW = msgspec.Raw
+_BATCHABLE_BYTES = BATCHABLE - 3  # a bytes payload's bin head is 2 or 3 bytes up to there
 _BATCH_MESSAGES = _batch.MAX_MESSAGES
 _BATCH_BYTES = _batch.MAX_BYTES
 _EARLY = 1e-6  # the burst path looks at deadlines this early: float rounding is never late
@@ -99,33 +102,40 @@ class Outbox:
         if now is None:
             now = _time.time()
         kind = type(data)
-        if not retain and self.batch_delay and (
-            (kind is bytes and len(data) <= BATCHABLE) or kind in _PLAIN
-        ):
-            try:
-                entry: bytes | None = self.encoder.encode(data)  # bytes: a msgpack bin entry
-            except _wire.NestedArray:
-                entry = None  # arrays inside: a frame each, so not batchable
-            except (TypeError, ValueError, OverflowError, RecursionError) as exc:
-                raise EncodeError(
-                    f"cannot encode payload of type {kind.__name__}: {exc!r}"
-                ) from None
-            if entry is not None and len(entry) <= BATCHABLE:
+        if not retain and self.batch_delay:
+            item: bytes | msgspec.Raw | None = None
+            if kind is bytes:
+                size = len(data)
+                if size <= _BATCHABLE_BYTES:
+                    item = data  # encoded with its batch, when that leaves
+                    size += 2 if size < 0x100 else 3
+            elif kind in _PLAIN:
+                try:
+                    entry = self.encoder.encode(data)
+                except _wire.NestedArray:
+                    pass  # arrays inside: a frame each, so not batchable
+                except (TypeError, ValueError, OverflowError, RecursionError) as exc:
+                    raise EncodeError(
+                        f"cannot encode payload of type {kind.__name__}: {exc!r}"
+                    ) from None
+                else:
+                    size = len(entry)
+                    if size <= BATCHABLE:
+                        item = _RAW(entry)
+            if item is not None:
                 batch = self._batch
                 if batch is not None and self._batch_topic == topic:
                     # The hot path, inline: a small plain value joins the open batch. Its
                     # seq is the batch's next one (the topic's count catches up when the
                     # batch leaves), and one comparison stands for both deadlines.
                     self._last_publish = now
-                    pieces = batch.pieces
-                    pieces.append(_ENTRY_HEAD(0x92, 0xCB, now))
-                    pieces.append(entry)
+                    batch.entries.append((now, item))
                     count = batch.count = batch.count + 1
-                    size = batch.size = batch.size + len(entry)
+                    size = batch.size = batch.size + size
                     if count >= _BATCH_MESSAGES or size >= _BATCH_BYTES or now >= self._check_at:
                         return self._batch_deadlines(batch, now)
                     return _NOTHING
-                return self._start_run(topic, prefix, data, kind, entry, now)
+                return self._start_run(topic, prefix, data, kind, item, now)
         payload = _wire.encode_payload(data, self.encoder)
         sends = self.flush()  # everything published before goes first
         self._message(sends, topic, prefix, payload, retain, now)
@@ -145,15 +155,15 @@ class Outbox:
             return [self.report(now)]
         return _NOTHING
 
-    def _start_run(self, topic: str, prefix: bytes, data: Any, kind: type, entry: bytes,
-                   now: float) -> Sequence[Send]:
+    def _start_run(self, topic: str, prefix: bytes, data: Any, kind: type,
+                   item: bytes | msgspec.Raw, now: float) -> Sequence[Send]:
         # A small message that does not join the open batch: that batch (another topic's)
         # goes first; in a burst this one opens a batch, else it goes alone.
         sends = self.flush()
         seq = self._seqs.get(topic, 0) + 1
         self._seqs[topic] = seq
         if now - self._last_publish < BURST_GAP:
-            self._batch = Batch(prefix, seq, now, entry)
+            self._batch = Batch(prefix, seq, now, item)
             self._batch_topic = topic
             self._check_at = min(now + self.batch_delay, self._next_report) - _EARLY
             self.batch_started = True
@@ -161,7 +171,7 @@ class Outbox:
             payload = (
                 _wire.Payload(_wire.KIND_BYTES, data)
                 if kind is bytes
-                else _wire.Payload(_wire.KIND_MSGPACK, entry)
+                else _wire.Payload(_wire.KIND_MSGPACK, bytes(item))
             )
             frame, _ = _wire.build_frames(prefix, 0, self.sender, seq, now, payload)
             sends.append(Send([frame]))
