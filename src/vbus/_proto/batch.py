@@ -19,47 +19,44 @@ MAX_MESSAGES = 256
 MAX_BYTES = 64 * 1024  # payload bytes in one batch; larger messages are never batched
 
 
-# The entries wait as ``(time, item)`` pairs, encoded together when the batch leaves (one
-# msgspec call: an array of fixarray(2) [float64, payload]). ``item`` is a bytes payload
-# itself (msgspec writes it as bin, no copy until then) or the msgpack of any other value as
-# msgspec.Raw (encoded at publish, so that a value that cannot be encoded fails there).
+# The entries wait as ``(time, item)`` pairs and are encoded together when the batch leaves,
+# in one msgspec call: an array of fixarray(2) [float64 time, payload]. An item is either a
+# bytes payload itself (msgspec writes it as bin: no copy and no call per message until
+# then; the outbox's burst path appends these) or msgpack already encoded, as msgspec.Raw
+# (encoded at publish, so that a value that cannot be encoded fails there).
 _ENCODER = msgspec.msgpack.Encoder()
 Item = bytes | msgspec.Raw
 
 
-def item_size(item: Item) -> int:
-    """An item's bytes in the batch payload: a bytes payload gets its bin head."""
-    n = len(item)
-    if type(item) is bytes:
-        return n + (2 if n < 0x100 else 3 if n < 0x10000 else 5)
-    return n
-
-
 class Batch:
-    """Messages waiting to go out together; the caller keeps their seqs consecutive."""
+    """Messages waiting to go out together; the caller keeps their seqs consecutive.
+    ``payload`` arguments are msgpack, already encoded; ``size`` counts encoded bytes."""
 
     __slots__ = ("prefix", "first_seq", "first_time", "entries", "count", "size")
 
-    def __init__(self, prefix: bytes, seq: int, when: float, item: Item) -> None:
+    def __init__(self, prefix: bytes, seq: int, when: float,
+                 payload: bytes | msgspec.Raw) -> None:
         self.prefix = prefix
         self.first_seq = seq
         self.first_time = when
-        self.entries: list[tuple[float, Item]] = [(when, item)]
+        raw = payload if type(payload) is msgspec.Raw else msgspec.Raw(payload)
+        self.entries: list[tuple[float, Item]] = [(when, raw)]
         self.count = 1
-        self.size = item_size(item)
+        self.size = len(payload)
 
-    def add(self, when: float, item: Item) -> bool:
+    def add(self, when: float, payload: bytes) -> bool:
         """Add one message; True when the batch is full and should go now."""
-        self.entries.append((when, item))
+        self.entries.append((when, msgspec.Raw(payload)))
         self.count += 1
-        self.size += item_size(item)
+        self.size += len(payload)
         return self.count >= MAX_MESSAGES or self.size >= MAX_BYTES
 
     def __len__(self) -> int:
         return self.count
 
-    def frame(self, sender: bytes) -> bytes:
-        payload = _wire.Payload(_wire.KIND_BATCH, _ENCODER.encode(self.entries))
+    def frame(self, sender: bytes, encoder: msgspec.msgpack.Encoder | None = None) -> bytes:
+        entries = (encoder or _ENCODER).encode(self.entries)
+        payload = _wire.Payload(_wire.KIND_BATCH, entries)
         frame, _ = _wire.build_frames(
             self.prefix, 0, sender, self.first_seq, self.first_time, payload
         )

@@ -163,7 +163,9 @@ class Outbox:
         seq = self._seqs.get(topic, 0) + 1
         self._seqs[topic] = seq
         if now - self._last_publish < BURST_GAP:
-            self._batch = Batch(prefix, seq, now, item)
+            # Encoded here (once a batch): the burst path appends the next ones as they are.
+            self._batch = Batch(prefix, seq, now, item if kind is not bytes else
+                                self.encoder.encode(data))
             self._batch_topic = topic
             self._check_at = min(now + self.batch_delay, self._next_report) - _EARLY
             self.batch_started = True
