@@ -123,6 +123,7 @@ class Publisher:
         self._lanes: list[Publisher] = []  # made for other threads, closed by close()
         self._lane_of: dict[int, tuple[threading.Thread, Publisher]] = {}
         self._lanes_lock = threading.Lock()
+        self._lanes_making = 0  # handshakes under way for new lanes (they count to the bound)
 
     @property
     def id(self) -> str:
@@ -203,14 +204,18 @@ class Publisher:
             chosen = next((lane for lane in lanes if id(lane) not in users), None)
             if chosen is not None:
                 chosen._thread = ident  # the lane's fast path is this thread's now
-            elif len(lanes) >= MAX_LANES:
-                chosen = min(lanes, key=lambda lane: users[id(lane)])
+            elif len(lanes) + self._lanes_making >= MAX_LANES:
+                chosen = min(lanes, key=lambda lane: users.get(id(lane), 0))
             if chosen is not None:
                 self._lane_of[ident] = (thread, chosen)
                 return chosen
             make = self._make_lane
-        assert make is not None
-        lane = make()  # the handshake, outside our lock: other threads go on publishing
+            self._lanes_making += 1
+        try:
+            lane = make()  # the handshake, outside our lock: other threads go on publishing
+        finally:
+            with self._lanes_lock:
+                self._lanes_making -= 1
         with self._lanes_lock:
             if self._make_lane is None:  # closed meanwhile
                 lane._close(0.0, 0.0)

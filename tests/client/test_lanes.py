@@ -1,0 +1,184 @@
+"""Threads sharing one Publisher: a lane (socket and outbox) per publishing thread.
+
+Each thread's messages keep their order across its topics and carry one sender id, the
+lane's; lanes are made on a thread's first publish, reused once their thread has ended,
+bounded by MAX_LANES, and closed by the publisher's close().
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+import vbus
+from vbus import _publisher
+
+TOPICS = ("lane/a", "lane/b/c", "lane/d")
+END = "lane/end"
+
+
+def _publish_runs(pub: vbus.Publisher, index: int, count: int) -> None:
+    """``count`` messages over TOPICS in runs of varying length (batches of each topic, and
+    the switches between them), then the thread's end marker."""
+    topic = 0
+    for i in range(count):
+        if i % (7 + index) == 0:
+            topic = (topic + 1) % len(TOPICS)
+        pub.publish(TOPICS[topic], [index, i])
+    pub.publish(END, index)
+
+
+def _threads(count: int, target: Callable[[int], Any]) -> None:
+    threads = [threading.Thread(target=target, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30.0)
+        assert not t.is_alive()
+
+
+def _collect(sub: vbus.Subscriber, markers: int) -> tuple[dict[int, list[int]], dict[int, set[str]]]:
+    """Until ``markers`` end markers: each thread's counters, and the senders they carried.
+    A thread's end marker follows all of its messages (order across its topics)."""
+    values: dict[int, list[int]] = {}
+    senders: dict[int, set[str]] = {}
+    seen = 0
+    while seen < markers:
+        msg = sub.recv(timeout=10.0)
+        if msg.topic == END:
+            senders.setdefault(msg.data, set()).add(msg.sender)
+            seen += 1
+            continue
+        index, i = msg.data
+        values.setdefault(index, []).append(i)
+        senders.setdefault(index, set()).add(msg.sender)
+    return values, senders
+
+
+@pytest.mark.timeout(60)
+def test_each_thread_gets_a_lane_and_keeps_its_order_across_topics(any_bus: vbus.Bus) -> None:
+    bus = any_bus
+    sub = bus.subscribe("lane/**", hwm=100_000)
+    pub = bus.publisher()
+    threads, count = 4, 3000
+    barrier = threading.Barrier(threads)
+    got: dict[str, Any] = {}
+    reader = threading.Thread(target=lambda: got.update(result=_collect(sub, threads)))
+    reader.start()
+
+    def work(index: int) -> None:
+        barrier.wait(10.0)  # all four alive at once: four lanes
+        _publish_runs(pub, index, count)
+
+    _threads(threads, work)
+    reader.join(30.0)
+    assert not reader.is_alive()
+    values, senders = got["result"]
+    assert sub.stats().dropped == 0
+    for index in range(threads):
+        assert values[index] == list(range(count)), f"thread {index}: order or loss"
+        assert len(senders[index]) == 1, f"thread {index} came through several senders"
+    lanes = {next(iter(s)) for s in senders.values()}
+    assert len(lanes) == threads  # one sender id a thread ...
+    assert lanes == set(pub.senders)  # ... each of them one of the publisher's
+    assert pub.id in lanes
+    stats = pub.stats()
+    assert (stats.published, stats.dropped) == (threads * (count + 1), 0)
+    assert stats.sender == pub.id
+    assert bus.stats().publishers == 1  # lanes are part of their publisher
+    pub.close()
+    sub.close()
+
+
+@pytest.mark.timeout(30)
+def test_a_lane_of_a_thread_that_ended_is_reused(bus: vbus.Bus) -> None:
+    sub = bus.subscribe("lane/**")
+    pub = bus.publisher()
+    for index in range(3):  # one after the other: each finds the last one's lane free
+        _threads(1, lambda _i, index=index: _publish_runs(pub, index, 50))
+    values, senders = _collect(sub, 3)
+    assert pub.senders == (pub.id,)
+    assert all(s == {pub.id} for s in senders.values())
+    assert all(values[i] == list(range(50)) for i in range(3))
+    pub.close()
+    sub.close()
+
+
+@pytest.mark.timeout(30)
+def test_lanes_are_bounded_and_threads_past_the_bound_share_them(
+    bus: vbus.Bus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_publisher, "MAX_LANES", 3)
+    sub = bus.subscribe("lane/**", hwm=100_000)
+    pub = bus.publisher()
+    threads = 5
+    barrier = threading.Barrier(threads)
+
+    def work(index: int) -> None:
+        barrier.wait(10.0)
+        _publish_runs(pub, index, 500)
+
+    _threads(threads, work)
+    values, senders = _collect(sub, threads)
+    assert len(pub.senders) == 3
+    assert set().union(*senders.values()) == set(pub.senders)
+    for index in range(threads):  # a shared lane keeps each thread's order too
+        assert values[index] == list(range(500))
+        assert len(senders[index]) == 1
+    pub.close()
+    sub.close()
+
+
+@pytest.mark.timeout(30)
+def test_close_closes_every_lane(bus: vbus.Bus) -> None:
+    """Lanes' sockets are closed by the publisher's close() (the leakcheck fixture checks
+    that no fd is left); a thread with a lane, and a new thread, then get Closed."""
+    pub = bus.publisher()
+    errors: list[BaseException] = []
+    lane_made = threading.Event()
+    go_on = threading.Event()
+
+    def worker() -> None:
+        pub.publish("lane/a", 1)
+        lane_made.set()
+        go_on.wait(10.0)
+        try:
+            pub.publish("lane/a", 2)
+        except BaseException as exc:  # noqa: BLE001 - the test looks at it
+            errors.append(exc)
+
+    pub.publish("lane/a", 0)  # this thread has the publisher's own socket
+    t = threading.Thread(target=worker)
+    t.start()
+    assert lane_made.wait(10.0)
+    assert len(pub.senders) == 2
+    pub.close()
+    assert pub.closed
+    go_on.set()
+    t.join(10.0)
+    assert len(errors) == 1 and isinstance(errors[0], vbus.Closed)
+
+    def late() -> None:
+        try:
+            pub.publish("lane/a", 3)
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    _threads(1, lambda _i: late())
+    assert len(errors) == 2 and isinstance(errors[1], vbus.Closed)
+    with pytest.raises(vbus.Closed):
+        pub.publish("lane/a", 4)
+
+
+@pytest.mark.timeout(30)
+def test_bus_close_closes_lanes_of_a_publisher_left_open(leakcheck: object) -> None:
+    bus = vbus.Bus()
+    pub = bus.publisher()
+    pub.publish("lane/a", 0)
+    _threads(3, lambda i: pub.publish("lane/a", i))
+    assert len(pub.senders) >= 2  # this thread has the publisher's socket: 1-3 lanes more
+    bus.close()
+    assert pub.closed
