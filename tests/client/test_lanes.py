@@ -40,7 +40,10 @@ def _threads(count: int, target: Callable[[int], Any]) -> None:
         assert not t.is_alive()
 
 
-def _collect(sub: vbus.Subscriber, markers: int) -> tuple[dict[int, list[int]], dict[int, set[str]]]:
+Collected = tuple[dict[int, list[int]], dict[int, set[str]]]
+
+
+def _collect(sub: vbus.Subscriber, markers: int) -> Collected:
     """Until ``markers`` end markers: each thread's counters, and the senders they carried.
     A thread's end marker follows all of its messages (order across its topics)."""
     values: dict[int, list[int]] = {}
