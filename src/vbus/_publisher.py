@@ -38,7 +38,6 @@ LINGER = 0.25
 MAX_LANES = 16
 """Lanes (sockets) of one Publisher at most; more publishing threads than that share them."""
 _wall = time.time
-_get_ident = threading.get_ident
 # Plain ints: pyzmq's flag enums cost a Python-level Flag.__or__/__and__ at each use.
 _NOBLOCK = int(zmq.NOBLOCK)
 _NOBLOCK_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
@@ -116,12 +115,13 @@ class Publisher:
         self._dead = False  # after fork, in the child: nothing may touch the socket
         # Any of the three: the one flag that publish() looks at, before and under the lock.
         self._halted = False
-        # Lanes: ``_thread`` is the ident of the thread that uses this lane (0: none yet);
-        # ``_make_lane`` (None for a lane itself) makes another thread's lane.
-        self._thread = 0
+        # Lanes: each publishing thread's, found in ``_local`` (per thread, so a new thread
+        # that reuses an ended one's ident never finds the old entry); ``_make_lane`` (None
+        # for a lane itself, and after close) makes another thread's.
+        self._local = threading.local()
         self._make_lane = lanes
         self._lanes: list[Publisher] = []  # made for other threads, closed by close()
-        self._lane_of: dict[int, tuple[threading.Thread, Publisher]] = {}
+        self._users: list[tuple[threading.Thread, Publisher]] = []  # which thread has which
         self._lanes_lock = threading.Lock()
         self._lanes_making = 0  # handshakes under way for new lanes (they count to the bound)
 
@@ -145,11 +145,13 @@ class Publisher:
         last value for subscribers that join later. Raises TopicError or EncodeError before
         anything is sent, Closed after close()."""
         # The hot path: one call into the outbox under the lock, one flag before and under it.
-        if _get_ident() != self._thread:
+        try:
+            lane = self._local.lane
+        except AttributeError:
             lane = self._lane()
-            if lane is not self:
-                Publisher.publish(lane, topic, data, retain=retain)
-                return
+        if lane is not self:
+            Publisher.publish(lane, topic, data, retain=retain)
+            return
         prefix = self._prefixes.get(topic)
         if prefix is None:
             prefix = self._learn(topic)
@@ -174,19 +176,14 @@ class Publisher:
     # -- lanes ----------------------------------------------------------------------------
     def _lane(self) -> Publisher:
         """The calling thread's lane (this publisher itself for the first thread)."""
-        ident = _get_ident()
-        if ident == self._thread:
-            return self
-        if self._make_lane is None:  # a lane (or a publisher without lanes): one socket
-            if not self._thread:
-                self._thread = ident
-            return self
-        entry = self._lane_of.get(ident)
-        if entry is not None:
-            return entry[1]
-        return self._new_thread(ident)
+        local = self._local
+        try:
+            lane: Publisher = local.lane
+        except AttributeError:
+            lane = local.lane = self if self._make_lane is None else self._new_thread()
+        return lane
 
-    def _new_thread(self, ident: int) -> Publisher:
+    def _new_thread(self) -> Publisher:
         # A thread's first publish: a free lane (this publisher's own socket first), a new
         # one, or past MAX_LANES the least shared one. A thread keeps its lane while it runs,
         # so its messages keep their order.
@@ -194,20 +191,16 @@ class Publisher:
         with self._lanes_lock:
             if self._make_lane is None:  # closed (or closing) meanwhile
                 return self
-            users: dict[int, int] = {}
-            for key, (user, lane) in list(self._lane_of.items()):
-                if user.is_alive():
-                    users[id(lane)] = users.get(id(lane), 0) + 1
-                else:
-                    del self._lane_of[key]  # that thread ended: its lane is free again
+            self._users = [(t, lane) for t, lane in self._users if t.is_alive()]
+            users: dict[int, int] = {}  # id(lane): threads that have it
+            for _, lane in self._users:
+                users[id(lane)] = users.get(id(lane), 0) + 1
             lanes = (self, *self._lanes)
             chosen = next((lane for lane in lanes if id(lane) not in users), None)
-            if chosen is not None:
-                chosen._thread = ident  # the lane's fast path is this thread's now
-            elif len(lanes) + self._lanes_making >= MAX_LANES:
+            if chosen is None and len(lanes) + self._lanes_making >= MAX_LANES:
                 chosen = min(lanes, key=lambda lane: users.get(id(lane), 0))
             if chosen is not None:
-                self._lane_of[ident] = (thread, chosen)
+                self._users.append((thread, chosen))
                 return chosen
             make = self._make_lane
             self._lanes_making += 1
@@ -220,9 +213,8 @@ class Publisher:
             if self._make_lane is None:  # closed meanwhile
                 lane._close(0.0, 0.0)
                 return self
-            lane._thread = ident
             self._lanes.append(lane)
-            self._lane_of[ident] = (thread, lane)
+            self._users.append((thread, lane))
         return lane
 
     def _batch_started(self) -> None:

@@ -185,3 +185,34 @@ def test_bus_close_closes_lanes_of_a_publisher_left_open(leakcheck: object) -> N
     assert len(pub.senders) >= 2  # this thread has the publisher's socket: 1-3 lanes more
     bus.close()
     assert pub.closed
+
+
+@pytest.mark.timeout(30)
+def test_threads_alive_together_never_share_a_lane_whatever_their_idents(bus: vbus.Bus) -> None:
+    """A new thread often gets the ident of one that ended (the C library reuses them): it
+    must not inherit that thread's lane while another live thread is given the same one."""
+    sub = bus.subscribe("lane/**", hwm=100_000)
+    pub = bus.publisher()
+    for round_ in range(20):
+        _threads(1, lambda _i: pub.publish("lane/a", -1))  # its lane is free once it ends
+        barrier = threading.Barrier(2)
+
+        def work(index: int, round_: int = round_, barrier: threading.Barrier = barrier) -> None:
+            pub.publish("lane/a", -1)  # its lane: taken while the other thread is alive too
+            barrier.wait(10.0)
+            _publish_runs(pub, round_ * 10 + index, 20)
+
+        _threads(2, work)
+    senders: dict[int, set[str]] = {}
+    seen = 0
+    while seen < 40:
+        msg = sub.recv(timeout=10.0)
+        if msg.topic == END:
+            seen += 1
+        if msg.topic == END or msg.data == -1:
+            continue
+        senders.setdefault(msg.data[0], set()).add(msg.sender)
+    for round_ in range(20):
+        first, second = senders[round_ * 10], senders[round_ * 10 + 1]
+        assert len(first) == len(second) == 1
+        assert first != second, f"round {round_}: two live threads on one lane"
