@@ -158,7 +158,9 @@ class Publisher:
         if self._halted and self._dead:
             raise Closed("publisher belongs to the parent process (fork)")
         outbox = self._outbox
-        with self._lock:
+        lock = self._lock
+        lock.acquire()  # not ``with``: its __enter__/__exit__ calls cost more than the rest
+        try:
             if self._halted:
                 self._closed_under_lock()
             sends = outbox.publish(topic, prefix, data, retain, _wall())
@@ -166,6 +168,8 @@ class Publisher:
                 self._transmit(sends)
             if outbox.batch_started:
                 self._batch_started()
+        finally:
+            lock.release()
 
     def clear_retained(self, topic: str) -> None:
         """Forget the retained value of ``topic`` at the broker."""
