@@ -127,7 +127,8 @@ class Publisher:
 
     @property
     def id(self) -> str:
-        """The sender id that subscribers see in ``Message.sender``."""
+        """The sender id that subscribers see in ``Message.sender``: of this publisher's own
+        lane, the first thread's that published (other threads': ``senders``)."""
         return self._outbox.sender.hex()
 
     @property
