@@ -22,6 +22,7 @@ needs none: ``subscribe()`` and ``publisher()`` return when ready.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -192,9 +193,25 @@ class VbusTx:
     burst_locked = burst  # a vbus Publisher is thread-safe
 
     def fence(self) -> None:
-        """One last message after a run: the gap before it reveals losses at the run's tail
-        (a subscriber counts a loss when the next message shows the gap)."""
+        """One last message after a run through each of the publisher's lanes: the gap
+        before it reveals losses at the run's tail (a subscriber counts a loss when the next
+        message of that sender shows the gap). Each publishing thread has a lane of its own,
+        so this thread's message covers its lane only; the run's threads have ended, and as
+        many fresh threads, alive together, take (and fence) the other lanes."""
+        lanes = len(getattr(self.pub, "senders", ())) or 1
         self.pub.publish(self.topic, None)
+        if lanes > 1:
+            together = threading.Barrier(lanes - 1)
+
+            def fence_one_lane() -> None:
+                self.pub.publish(self.topic, None)
+                together.wait(10.0)  # alive until every fresh thread has taken its lane
+
+            fencers = [threading.Thread(target=fence_one_lane) for _ in range(lanes - 1)]
+            for t in fencers:
+                t.start()
+            for t in fencers:
+                t.join(15.0)
 
     def dropped_delta(self) -> int | None:
         total = self.pub.stats().dropped
@@ -268,13 +285,17 @@ class VbusRx:
             self.first = data
         return n, t_first, t_last
 
-    def wait_fence(self, timeout: float = 5.0) -> bool:
+    def wait_fence(self, timeout: float = 5.0, rest: float = 0.3) -> bool:
+        """Until the fence arrives, then the other lanes' fences (none for ``rest`` s)."""
         end = now() + timeout
         try:
             while self.sub.recv(timeout=max(end - now(), 0.0)).data is not None:
                 pass
         except TimeoutError:
             return False
+        with contextlib.suppress(TimeoutError):
+            while True:
+                self.sub.recv(timeout=rest)
         return True
 
     def dropped_delta(self) -> int | None:
