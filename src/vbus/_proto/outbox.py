@@ -101,6 +101,21 @@ class Outbox:
         """The sends for one message. EncodeError (nothing changed) if it cannot be encoded."""
         if now is None:
             now = _time.time()
+        batch = self._batch
+        if (batch is not None and type(data) is bytes and self._batch_topic == topic
+                and not retain and len(data) <= _BATCHABLE_BYTES):
+            # The hot path first, inline: a bytes payload joins the open batch of its topic
+            # as it is (encoded with the batch, when that leaves). Its seq is the batch's
+            # next one (the topic's count catches up when the batch leaves), and one
+            # comparison stands for both deadlines.
+            self._last_publish = now
+            batch.entries.append((now, data))
+            n = len(data)
+            count = batch.count = batch.count + 1
+            size = batch.size = batch.size + n + (2 if n < 0x100 else 3)
+            if count >= _BATCH_MESSAGES or size >= _BATCH_BYTES or now >= self._check_at:
+                return self._batch_deadlines(batch, now)
+            return _NOTHING
         kind = type(data)
         if not retain and self.batch_delay:
             item: bytes | msgspec.Raw | None = None
@@ -123,11 +138,8 @@ class Outbox:
                     if size <= BATCHABLE:
                         item = _RAW(entry)
             if item is not None:
-                batch = self._batch
                 if batch is not None and self._batch_topic == topic:
-                    # The hot path, inline: a small plain value joins the open batch. Its
-                    # seq is the batch's next one (the topic's count catches up when the
-                    # batch leaves), and one comparison stands for both deadlines.
+                    # A small plain value joins the open batch (as the bytes path above).
                     self._last_publish = now
                     batch.entries.append((now, item))
                     count = batch.count = batch.count + 1
