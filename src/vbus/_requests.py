@@ -85,9 +85,8 @@ def _connect(bus: Any, agent_id: str) -> _Link:
     """An XPUB the broker accepts and a SUB whose reply subscription the broker confirmed,
     through the bus's own context, endpoints and security. The only place that reaches into
     the Bus (its core): rewire it here if the Bus changes."""
+    from ._handshake import connect_publisher, connect_subscriber
     from ._proto.limits import DEFAULT_MAX_QUEUE_BYTES, effective_hwm
-    from ._publisher import connect_publisher
-    from ._subscriber import connect_subscriber
 
     core = bus._core
     context, endpoints, timeout = core.context, core.endpoints, core.timeout

@@ -42,7 +42,8 @@ IO_METHODS = {"recv", "recv_batch", "publish"}
 @pytest.mark.parametrize(("sync", "async_"), [(vbus.Publisher, vbus.AsyncPublisher),
                                                (vbus.Subscriber, vbus.AsyncSubscriber)])
 def test_sync_and_async_twins_do_not_drift(sync: type, async_: type) -> None:
-    assert issubclass(async_, sync), "one core, twin shells"
+    shared = [c for c in sync.__mro__ if c is not object and issubclass(async_, c)]
+    assert shared, "one core, twin shells"
     assert _public(sync) == _public(async_)
     for name in _public(sync):
         s, a = getattr(sync, name), getattr(async_, name)
@@ -53,6 +54,25 @@ def test_sync_and_async_twins_do_not_drift(sync: type, async_: type) -> None:
     for sync_name, async_name in TWINS.items():
         if hasattr(sync, sync_name):
             assert hasattr(async_, async_name), f"{async_.__name__} lacks {async_name}"
+
+
+def test_async_subscriber_is_a_sibling_not_a_broken_subclass() -> None:
+    """httpx's model: the shells share a base and each spells only its own protocol, so an
+    AsyncSubscriber is no Subscriber whose ``for``/``with`` would raise TypeError."""
+    assert vbus.Subscriber.__mro__[1] is vbus.AsyncSubscriber.__mro__[1]
+    assert not issubclass(vbus.AsyncSubscriber, vbus.Subscriber)
+    for sync_only in ("__iter__", "__next__", "__enter__", "__exit__"):
+        assert not hasattr(vbus.AsyncSubscriber, sync_only), sync_only
+    for async_only in ("__aiter__", "__anext__", "__aenter__", "__aexit__"):
+        assert not hasattr(vbus.Subscriber, async_only), async_only
+
+
+def test_subscriber_and_message_are_generic_in_the_payload_type() -> None:
+    """``subscribe(p, type=State)`` reaches the checker as ``Subscriber[State]`` (checked by
+    mypy in test_typing.py); at run time the aliases exist and build the same classes."""
+    assert vbus.Message[int] is not None and vbus.Subscriber[int] is not None
+    msg = vbus.Message[int]("t", 1, "s", 1, 0.0)
+    assert type(msg) is vbus.Message and msg.data == 1
 
 
 def test_bus_has_a_sync_and_an_async_factory_for_each_role() -> None:
