@@ -159,6 +159,8 @@ class Publisher:
         # A thread's first publish: a free lane (this publisher's own socket first), a new
         # one, or past MAX_LANES the least shared one. A thread keeps its lane while it runs,
         # so its messages keep their order.
+        if self._dead:  # after fork, in the child: the lock may have been held at the fork
+            return self  # (whose publish then raises Closed)
         thread = threading.current_thread()
         with self._lanes_lock:
             if self._make_lane is None:  # closed (or closing) meanwhile
@@ -307,6 +309,8 @@ class Publisher:
     def _close(self, linger: float, timeout: float) -> bool:
         """Close within ``timeout``; False if another thread holds a socket, which then
         closes it the next time it takes the lock."""
+        if self._dead:
+            return True  # after fork, in the child: nothing to close, no lock to take
         lanes_closed = True
         if self._make_lane is not None:
             with self._lanes_lock:

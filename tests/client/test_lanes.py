@@ -7,6 +7,8 @@ bounded by MAX_LANES, and closed by the publisher's close().
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -216,3 +218,53 @@ def test_threads_alive_together_never_share_a_lane_whatever_their_idents(bus: vb
         first, second = senders[round_ * 10], senders[round_ * 10 + 1]
         assert len(first) == len(second) == 1
         assert first != second, f"round {round_}: two live threads on one lane"
+
+
+FORK_CHILD = r"""
+import os, sys, threading, time, warnings
+import vbus
+
+warnings.filterwarnings("ignore", message=".*fork.*", category=DeprecationWarning)
+bus = vbus.Bus()
+pub = bus.publisher()
+pub.publish("lane/a", 0)  # this thread's lane: the publisher's own socket
+pub._lanes_lock.acquire()  # as if another thread were making its lane at the fork
+pid = os.fork()
+if pid == 0:
+    outcome = []
+    def new_thread():
+        try:
+            pub.publish("lane/a", 1)  # a thread without a lane: it would need that lock
+            outcome.append("published")
+        except vbus.Closed:
+            outcome.append("closed")
+    t = threading.Thread(target=new_thread, daemon=True)
+    t.start()
+    t.join(5.0)
+    pub.close()  # must not wait for the lock either
+    os._exit(0 if outcome == ["closed"] else 3 if not outcome else 4)
+pub._lanes_lock.release()
+end = time.monotonic() + 10.0
+while time.monotonic() < end:
+    done, status = os.waitpid(pid, os.WNOHANG)
+    if done:
+        break
+    time.sleep(0.01)
+else:
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    print("HANG")
+    sys.exit(1)
+bus.close()
+code = os.waitstatus_to_exitcode(status)
+print("CHILD", code)
+sys.exit(0 if code == 0 else 2)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_after_fork_a_new_thread_gets_closed_not_a_lock_held_at_the_fork() -> None:
+    proc = subprocess.run([sys.executable, "-c", FORK_CHILD], capture_output=True, text=True,
+                          timeout=40, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "CHILD 0" in proc.stdout
