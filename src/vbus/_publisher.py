@@ -183,12 +183,17 @@ class Publisher:
         finally:
             with self._lanes_lock:
                 self._lanes_making -= 1
-        with self._lanes_lock:
-            if self._make_lane is None:  # closed meanwhile
+        try:
+            with self._lanes_lock:
+                if self._make_lane is None:  # closed meanwhile
+                    lane._close(0.0, 0.0)
+                    return self
+                self._lanes.append(lane)
+                self._users.append((thread, lane))
+        except BaseException:  # Ctrl-C before the lane is ours to close: close it now
+            if lane not in self._lanes:
                 lane._close(0.0, 0.0)
-                return self
-            self._lanes.append(lane)
-            self._users.append((thread, lane))
+            raise
         return lane
 
     def _batch_started(self) -> None:
