@@ -32,6 +32,7 @@ import zmq
 from .._proto import control as _control
 from .._proto import limits as _limits
 from .._proto.endpoints import AddressError, Endpoints, parse_address, tcp_with_port
+from .._proto.stats import ForwarderStats
 from .._security import ZAP_ENDPOINT, ServerSecurity
 from .._threads import Deadline, Started, block_signals, join
 from .service import BrokerService, forwarder_counts
@@ -52,9 +53,11 @@ MONITORED_EVENTS = (
 )
 
 
-class BrokerStats(msgspec.Struct, frozen=True):
-    """Counters of the forwarder: ZeroMQ messages and bytes in from publishers and out
-    (a message sent to several subscribers counts once), and the active subscribers."""
+class BrokerCounters(msgspec.Struct, frozen=True):
+    """``Broker.stats()``, read by ``Bus.stats()``: the forwarder's counters, asked now (ZeroMQ
+    messages and bytes in from publishers and out; a message sent to several subscribers
+    counts once), and the confirmed subscribers. The ``$vbus/stats`` message, which holds
+    these and more, is ``_proto.stats.BrokerStats``."""
 
     messages_in: int = 0
     bytes_in: int = 0
@@ -239,13 +242,14 @@ class Broker:
         finally:
             req.close(0)
 
-    def _forwarder_counts(self, timeout: float = 1.0) -> dict[str, int]:
+    def _forwarder_counts(self, timeout: float = 1.0) -> ForwarderStats:
         reply = self._request(b"STATISTICS", timeout) if self._proxy.is_alive() else None
-        return forwarder_counts(reply) if reply else {}
+        return (forwarder_counts(reply) if reply else None) or ForwarderStats()
 
-    def stats(self, timeout: float = 1.0) -> BrokerStats:
-        return BrokerStats(**self._forwarder_counts(timeout),
-                           subscribers=len(self.service.subscribers))
+    def stats(self, timeout: float = 1.0) -> BrokerCounters:
+        f = self._forwarder_counts(timeout)
+        return BrokerCounters(f.messages_in, f.bytes_in, f.messages_out, f.bytes_out,
+                              subscribers=len(self.service.subscribers))
 
     # -- shutdown ---------------------------------------------------------------------------
     def stop(self, deadline: Deadline) -> list[str]:

@@ -31,6 +31,7 @@ import zmq
 
 from .._errors import DecodeError, TopicError
 from .._proto import wire as _wire
+from .._proto.stats import RouterStats
 from .._proto.topics import validate_topic
 
 MARKER = b"\xfdvbus/serve/"
@@ -103,15 +104,6 @@ def no_responder_frame(requester: str, request_id: int, sender: bytes, why: str 
         reply_prefix(requester, NONE), 0, sender, request_id, time.time(), payload
     )
     return frame
-
-
-class RouterStats(msgspec.Struct, frozen=True):
-    servers: int
-    routed: int
-    no_responder: int
-    invalid: int
-    refused: int
-    dropped: int
 
 
 class RequestRouter:
@@ -203,11 +195,6 @@ class RequestRouter:
     def stats(self) -> RouterStats:
         return RouterStats(len(self._topic_of), self.routed, self.no_responder, self.invalid,
                            self.refused, self.dropped)
-
-
-def stats_dict(router: RequestRouter) -> dict[str, int]:
-    """The router's counters for ``$vbus/stats`` (key ``requests``)."""
-    return msgspec.structs.asdict(router.stats())
 
 
 def flush(router: RequestRouter, sock: zmq.Socket[bytes]) -> None:

@@ -7,7 +7,7 @@
 - ``$vbus/retain/<topic>``: a publisher's copy of a retained message, kept by the broker;
   with FLAG_CLEAR it clears the topic's retained value.
 - ``$vbus/report/<id>``: publishers' and subscribers' counters, aggregated by the broker.
-- ``$vbus/stats``: the broker's statistics, once a second.
+- ``$vbus/stats``: the broker's statistics, once a second (the schema: _proto/stats.py).
 
 The first byte of the first two is not a topic character on purpose. A SUB socket that is not yet
 connected sends its subscriptions, once connected, in byte order (libzmq walks its trie), not
@@ -19,7 +19,7 @@ them all active. Once connected, subscriptions go out in call order, which is th
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any
+from typing import Annotated
 
 import msgspec
 
@@ -29,7 +29,6 @@ READY = b"\xffvbus/ready/"
 WANT = b"\xfevbus/want/"
 RETAIN = b"$vbus/retain/"
 REPORT = b"$vbus/report/"
-STATS_TOPIC = "$vbus/stats"
 
 _NIL = _wire.Payload(_wire.KIND_MSGPACK, b"\xc0")
 
@@ -99,6 +98,3 @@ def report_frame(sender: bytes, report: Report) -> bytes:
     payload = _wire.Payload(_wire.KIND_MSGPACK, _REPORT_ENCODER.encode(report))
     return control_frame(REPORT + sender.hex().encode(), sender, payload=payload)
 
-
-def stats_payload(stats: dict[str, Any]) -> _wire.Payload:
-    return _wire.Payload(_wire.KIND_MSGPACK, _REPORT_ENCODER.encode(stats))
