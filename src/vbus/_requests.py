@@ -39,11 +39,11 @@ from ._proto import control as _control
 from ._proto import wire as _wire
 from ._proto.seq import BurstLog
 from ._proto.topics import compile_pattern, validate_topic
-from ._threads import Deadline, block_signals, join
+from ._threads import DEFAULT_TIMEOUT, Deadline, block_signals, current_in, is_current, join
+from ._waker import Waker
 
 log = logging.getLogger("vbus.requests")
 
-DEFAULT_TIMEOUT = 5.0
 _DRAIN_EVERY = 64
 _DRAIN_BATCH = 1000
 _REPLY_LINGER = 0.25
@@ -176,8 +176,7 @@ def in_own_thread(core: Any) -> bool:
     agent = _AGENTS.get(core)
     if not isinstance(agent, _Agent):
         return False
-    current = threading.current_thread()
-    return current is agent._thread or current in agent.workers
+    return is_current(agent._thread) or current_in(list(agent.workers))
 
 
 def close_requests(core: Any, deadline: Deadline) -> list[str]:
@@ -282,38 +281,6 @@ def _settle(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
-class _Doorbell:
-    """A file descriptor the agent polls: rung from any thread, cleared by the agent."""
-
-    def __init__(self) -> None:
-        if hasattr(os, "eventfd"):
-            fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-            self._read, self._write = fd, fd
-        else:  # pragma: no cover - non-Linux
-            self._read, self._write = os.pipe()
-            os.set_blocking(self._read, False)
-            os.set_blocking(self._write, False)
-
-    def fileno(self) -> int:
-        return self._read
-
-    def ring(self) -> None:
-        try:
-            os.write(self._write, (1).to_bytes(8, "little"))
-        except OSError:
-            pass  # already rung (counter full) or closed
-
-    def clear(self) -> None:
-        try:
-            os.read(self._read, 4096)
-        except OSError:
-            pass
-
-    def close(self) -> None:
-        for fd in {self._read, self._write}:
-            os.close(fd)
-
-
 class _Agent:
     """A bus's request/reply agent (see the module's doc)."""
 
@@ -346,7 +313,7 @@ class _Agent:
         link = _connect(bus, self.id)
         self._pub, self._sub, self.timeout = link.pub, link.sub, link.timeout
         try:
-            self._bell = _Doorbell()
+            self._bell = Waker()
             self._thread = threading.Thread(target=self._run,
                                             name=f"vbus-requests-{self.id[:8]}")
             self._thread.start()
@@ -435,7 +402,7 @@ class _Agent:
     # -- the agent thread -------------------------------------------------------------------
     def _command(self, kind: str, arg: bytes = b"") -> None:
         self._commands.append((kind, arg))
-        self._bell.ring()
+        self._bell.wake()
 
     def _run(self) -> None:
         block_signals()

@@ -29,9 +29,10 @@ from collections.abc import Sequence
 import msgspec
 import zmq
 
+from .._errors import AddressError
 from .._proto import control as _control
 from .._proto import limits as _limits
-from .._proto.endpoints import AddressError, Endpoints, parse_address, tcp_with_port
+from .._proto.endpoints import Endpoints, parse_address, tcp_with_port
 from .._proto.stats import ForwarderStats
 from .._security import ZAP_ENDPOINT, ServerSecurity
 from .._threads import Deadline, Started, block_signals, join

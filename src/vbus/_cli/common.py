@@ -17,18 +17,16 @@ from collections.abc import Callable, Iterator
 from typing import Any, TextIO
 
 from .._bus import Bus, connect
+from .._errors import UserError as UserError  # every command raises it from here
 from .._errors import VbusError
 from .._proto.endpoints import parse_address
 from .._security import check_key, load_keypair, load_public_key
+from .._threads import DEFAULT_TIMEOUT
 
-DEFAULT_TIMEOUT = 5.0
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
 ADDRESS_VARIABLE = "VBUS_ADDRESS"
 _HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):\d+$")
 
-
-class UserError(VbusError):
-    """A mistake the user can fix; printed as one line, exit status 1."""
 
 
 def add_parser(commands: Any, name: str, *, help: str, description: str,

@@ -62,7 +62,7 @@ from typing import IO, Any
 
 import msgspec
 
-from .._errors import DecodeError, EncodeError, VbusError
+from .._errors import DecodeError, EncodeError, RecordingError
 from .._message import Message
 from .._proto import wire as _wire
 from .._proto.topics import topic_prefix
@@ -81,9 +81,6 @@ _U64 = 2**64 - 1
 _MAGIC = b"\x89MCAP0\r\n"
 log = logging.getLogger("vbus.mcap")
 
-
-class RecordingError(VbusError, ValueError):
-    """A file is not a readable vbus recording; the message names the file and the problem."""
 
 
 # -- schemas ----------------------------------------------------------------------------------
