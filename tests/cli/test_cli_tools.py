@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 
 import vbus
-from vbus._cli import extras as _cmd_extras
+from vbus._cli import bench as _cmd_bench
+from vbus._cli import demo as _cmd_demo
 from vbus._cli import main as _cli
 
 VBUS = [sys.executable, "-m", "vbus"]
@@ -368,7 +369,7 @@ def test_usage_errors_and_help_on_every_command() -> None:
 def test_bench_runs_the_suite_of_a_source_checkout(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr(_cmd_extras, "suite_path", lambda: tmp_path / "benchmarks" / "run.py")
+    monkeypatch.setattr(_cmd_bench, "suite_path", lambda: tmp_path / "benchmarks" / "run.py")
     assert _cli.main(["bench"]) == 1
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and "needs a source checkout" in err[0]
@@ -386,8 +387,27 @@ def test_bench_runs_the_suite_of_a_source_checkout(
 
 
 def test_bench_finds_the_suite_next_to_the_package() -> None:
-    assert _cmd_extras.suite_path() == Path(vbus.__file__).resolve().parents[2] / (
+    assert _cmd_bench.suite_path() == Path(vbus.__file__).resolve().parents[2] / (
         "benchmarks/run.py")
+
+
+def test_an_installed_package_finds_the_suite_of_the_clone_it_runs_in(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    installed = tmp_path / "venv" / "lib" / "site-packages" / "vbus" / "__init__.py"
+    monkeypatch.setattr(vbus, "__file__", str(installed))
+    clone = tmp_path / "clone"
+    monkeypatch.chdir(tmp_path)  # not a clone: the message says what is missing
+    assert _cli.main(["bench"]) == 1
+    [line] = capsys.readouterr().err.splitlines()
+    assert "not installed with the package" in line and "needs a source checkout" in line
+    (clone / "src" / "vbus").mkdir(parents=True)
+    (clone / "benchmarks").mkdir()
+    (clone / "benchmarks" / "run.py").write_text("def main(argv):\n    print('clone suite')\n")
+    monkeypatch.chdir(clone)
+    assert _cmd_bench.suite_path() == clone / "benchmarks" / "run.py"
+    assert _cli.main(["bench"]) == 0
+    assert "clone suite" in capsys.readouterr().out
 
 
 def test_demo_gui_without_pyside6_names_the_qt_extra() -> None:
@@ -411,7 +431,7 @@ def test_demo_gui_that_cannot_load_is_one_line(
     def fail(name: str) -> None:
         raise error
 
-    monkeypatch.setattr(_cmd_extras, "_import", fail)
+    monkeypatch.setattr(_cmd_demo, "_import", fail)
     assert _cli.main(["demo", "--gui"]) == 1
     [line] = capsys.readouterr().err.splitlines()
     assert line.startswith("vbus demo: error: ") and expected in line

@@ -200,11 +200,16 @@ def human_duration(seconds: float) -> str:
     return f"{hours}h{m:02d}m{s:02d}s" if hours else f"{m}m{s:02d}s"
 
 
+PROGRESS_TICK = 0.25
+"""How often a progress line is refreshed: a command that waits wakes this often for it."""
+
+
 class Progress:
     """A status line rewritten in place on stderr, at most every ``interval`` seconds; silent
     unless stderr is a terminal (and the user did not ask for --quiet)."""
 
-    def __init__(self, quiet: bool, stream: TextIO | None = None, interval: float = 0.25) -> None:
+    def __init__(self, quiet: bool, stream: TextIO | None = None,
+                 interval: float = PROGRESS_TICK) -> None:
         self._stream = stream or sys.stderr
         self.enabled = not quiet and self._stream.isatty()
         self._interval = interval

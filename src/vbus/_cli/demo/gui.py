@@ -1,4 +1,4 @@
-"""``vbus demo --gui`` and examples/qt_viewer.py: a live viewer for a simulated microscope.
+"""``vbus demo --gui``: a live viewer for the simulated microscope of instrument.py.
 
 A camera publishes 1 MiB numpy frames (512 x 1024 uint16) at 200 Hz from its own thread, a
 stage publishes its position at 100 Hz from another, an async "analysis plugin" on the bus's
