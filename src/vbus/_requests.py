@@ -11,7 +11,7 @@ request under a fresh id and sends it from its own thread; the agent hands the r
 taken for another request's. A sync handler runs on a thread of its own, an async one in a
 task on the bus's loop; each server handles one request at a time, in arrival order (a device
 command must not run twice at once): several servers of a topic share its load. Frames and
-routing: _broker/requests.py.
+routing: _proto/requests.py and _broker/requests.py.
 """
 
 from __future__ import annotations
@@ -34,10 +34,10 @@ from typing import Any, NamedTuple, Protocol, TypeVar
 import msgspec
 import zmq
 
-from ._broker import requests as proto
 from ._errors import Closed, ConnectError, DecodeError, EncodeError, NoResponder, RemoteError
 from ._message import Message
 from ._proto import control as _control
+from ._proto import requests as proto
 from ._proto import wire as _wire
 from ._proto.endpoints import Endpoints
 from ._proto.seq import BurstLog

@@ -28,6 +28,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from .._errors import DecodeError, TopicError
 from .._proto import control as _control
+from .._proto import requests as _proto_requests
 from .._proto import stats as _stats
 from .._proto import wire as _wire
 from .._proto.seq import BurstLog
@@ -142,7 +143,7 @@ class BrokerService:
             out.connect(self._publish_endpoint)
             into.subscribe(_control.RETAIN)
             into.subscribe(_control.REPORT)
-            into.subscribe(_broker_requests.REQUEST)
+            into.subscribe(_proto_requests.REQUEST)
             into.connect(self._subscribe_endpoint)
             self._confirm_own_subscription(out, into)
             self._ask_forwarder_stats(control)
@@ -259,7 +260,7 @@ class BrokerService:
                 self.retained.take(first, rest)
             elif first.startswith(_control.REPORT):
                 self._take_report(first)
-            elif first.startswith(_broker_requests.REQUEST):
+            elif first.startswith(_proto_requests.REQUEST):
                 self.requests.request(first, rest)
         return True
 

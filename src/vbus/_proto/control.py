@@ -23,6 +23,7 @@ from typing import Annotated
 
 import msgspec
 
+from . import requests as _requests
 from . import wire as _wire
 
 READY = b"\xffvbus/ready/"
@@ -34,9 +35,8 @@ _NIL = _wire.Payload(_wire.KIND_MSGPACK, b"\xc0")
 
 TOPIC_START = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-.:"
 """Every byte a topic may start with (see _proto/topics.py)."""
-CLIENT_REQUEST, CLIENT_REPLY = b"$vbus/req/", b"$vbus/reply/"  # see _broker/requests.py
-CLIENT_PREFIXES = (*(bytes([c]) for c in TOPIC_START), RETAIN, REPORT, CLIENT_REQUEST,
-                   CLIENT_REPLY)
+CLIENT_PREFIXES = (*(bytes([c]) for c in TOPIC_START), RETAIN, REPORT, _requests.REQUEST,
+                   _requests.REPLY)
 """What a network peer may send through the broker: messages whose first frame starts with
 one of these (a topic; a retained copy, a report, a request, a server's reply). Everything
 else on the reserved namespace (0xFF/0xFE/0xFD-led control frames, ``$vbus/stats``,
