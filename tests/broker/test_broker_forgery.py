@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import pytest
 import zmq
-from tests._support import LeakCheck
 
 import vbus
+from tests._support import LeakCheck
 from vbus._proto import control as _control
 from vbus._proto import stats as _stats
 from vbus._proto import wire as _wire

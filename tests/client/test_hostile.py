@@ -12,9 +12,9 @@ import pytest
 import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tests._support import LeakCheck
 
 import vbus
+from tests._support import LeakCheck
 from vbus._proto import control as _control
 from vbus._proto import wire as _wire
 from vbus._proto.endpoints import parse_address
@@ -185,10 +185,10 @@ def test_hostile_subscriptions_do_not_disturb_the_broker(net_bus: vbus.Bus) -> N
     rogue.linger = 0
     rogue.connect(parse_address(net_bus.address).subscribe)
     try:
-        for sub in (b"\x01\xffvbus/ready/\x00", b"\x01\xffvbus/ready/\xff\xfe\x00",
-                    b"\x01\xfevbus/want/", b"\x01\xfevbus/want/t\x00bad pattern!",
-                    b"\x01" + b"x" * 100_000, b"\x00never subscribed", b"\x02odd"):
-            rogue.send(sub)
+        for bogus in (b"\x01\xffvbus/ready/\x00", b"\x01\xffvbus/ready/\xff\xfe\x00",
+                      b"\x01\xfevbus/want/", b"\x01\xfevbus/want/t\x00bad pattern!",
+                      b"\x01" + b"x" * 100_000, b"\x00never subscribed", b"\x02odd"):
+            rogue.send(bogus)
         sub = net_bus.subscribe("stage/x")
         _legit_traffic_flows(net_bus, sub)
     finally:

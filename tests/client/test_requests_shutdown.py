@@ -18,10 +18,9 @@ import textwrap
 import threading
 import time
 
+import vbus
 from tests._support import LeakCheck
 from tests._support import fds as _fds
-
-import vbus
 from vbus._proto import requests as proto
 from vbus._proto import wire as _wire
 

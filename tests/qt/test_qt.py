@@ -102,7 +102,7 @@ def _qt_warmup(qapp: QApplication) -> None:
     painter.end()
     widget = QSpinBox()
     widget.show()
-    widget.grab().toImage().save(os.devnull, "PNG")
+    widget.grab().toImage().save(os.devnull, b"PNG")
     widget.close()
     widget.deleteLater()
     qapp.processEvents()
@@ -508,11 +508,11 @@ def delete_now(obj: QObject) -> None:
     if qtpy.API_NAME == "PySide6":
         import shiboken6
 
-        shiboken6.delete(obj)
+        shiboken6.delete(obj)  # type: ignore[arg-type]  # a QObject is a shiboken wrapper
     else:
         from PyQt6 import sip
 
-        sip.delete(obj)
+        sip.delete(obj)  # type: ignore[arg-type]  # a QObject is a sip wrapper
 
 
 @needs_binding
