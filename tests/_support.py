@@ -218,3 +218,26 @@ def timed_recording(path: Path, offsets: list[float]) -> None:
             _, body, _ = _mcap.encode_message(msg)
             writer.add_message(channel, t0 + int(offset * 1e9), t0, i + 1, body)
         writer.finish()
+
+
+# -- absence, proven ----------------------------------------------------------------------------
+def until_marker_gets_through(pub: Any, sub: Any, topic: str,
+                              within: float = 10.0) -> tuple[list[Any], int]:
+    """What ``sub`` still holds of a flood ``pub`` sent on ``topic``: the data before a marker
+    that ``pub`` publishes last. A full queue drops a marker like any message, so a new one
+    goes out every 0.2 s until one gets through; returns the data before it and how many
+    markers were published (the lost ones count as ``sub``'s drops)."""
+    got: list[Any] = []
+    markers = 0
+    deadline = time.monotonic() + within
+    while True:
+        pub.publish(topic, {"marker": markers})
+        markers += 1
+        try:
+            while True:
+                data = sub.recv(timeout=0.2).data
+                if isinstance(data, dict) and "marker" in data:
+                    return got, markers
+                got.append(data)
+        except TimeoutError:
+            assert time.monotonic() < deadline, f"no marker came through on {topic!r}"
