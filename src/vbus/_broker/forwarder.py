@@ -171,15 +171,7 @@ class Broker:
             started.fail(exc)
             return
         started.ok(bound)
-        try:
-            zmq.proxy_steerable(front, back, None, control)
-        except zmq.ContextTerminated:
-            log.warning("broker %s: forwarder stopped by context termination", self.id)
-        except zmq.ZMQError as exc:
-            log.error("broker %s: forwarder failed: %s", self.id, exc)
-        finally:
-            for sock in mine:
-                sock.close(0)
+        self._forward(front, back, control, "forwarder", mine)
 
     def _make_gate(self) -> list[zmq.Socket[bytes]]:
         """The network intake (SUB, bound by the caller), its PUB into the forwarder and the
@@ -209,14 +201,19 @@ class Broker:
     def _run_gate(self, sockets: list[zmq.Socket[bytes]]) -> None:
         block_signals()
         intake, out, control = sockets
+        self._forward(intake, out, control, "gate", sockets)
+
+    def _forward(self, front: zmq.Socket[bytes], back: zmq.Socket[bytes],
+                 control: zmq.Socket[bytes], what: str, mine: list[zmq.Socket[bytes]]) -> None:
+        """Run a C forwarder until TERMINATE on ``control``, then close this thread's sockets."""
         try:
-            zmq.proxy_steerable(intake, out, None, control)
+            zmq.proxy_steerable(front, back, None, control)
         except zmq.ContextTerminated:
-            log.warning("broker %s: gate stopped by context termination", self.id)
+            log.warning("broker %s: %s stopped by context termination", self.id, what)
         except zmq.ZMQError as exc:
-            log.error("broker %s: gate failed: %s", self.id, exc)
+            log.error("broker %s: %s failed: %s", self.id, what, exc)
         finally:
-            for sock in sockets:
+            for sock in mine:
                 sock.close(0)
 
     def _monitor(self, side: str) -> str:
