@@ -31,14 +31,15 @@ import zmq
 from . import _requests
 from ._broker.forwarder import MAX_MESSAGE_SIZE, Broker
 from ._context import ContextKeeper
-from ._errors import Closed, ConnectError, VbusError
+from ._errors import AddressError, Closed, ConnectError, VbusError
 from ._flusher import Flusher
 from ._handshake import connect_publisher, connect_subscriber, probe
 from ._loop import BackgroundLoop
 from ._message import Message
 from ._proto import control as _control
-from ._proto.endpoints import AddressError, Endpoints, is_loopback, parse_address
+from ._proto.endpoints import Endpoints, is_loopback, parse_address
 from ._proto.limits import DEFAULT_MAX_QUEUE_BYTES, effective_hwm
+from ._proto.outbox import Outbox
 from ._proto.topics import compile_pattern
 from ._publisher import (
     LINGER,
@@ -62,7 +63,14 @@ from ._subscriber import (
     Subscriber,
     SubscriberStats,
 )
-from ._threads import Deadline, block_signals, build_uninterrupted, join
+from ._threads import (
+    DEFAULT_TIMEOUT,
+    Deadline,
+    block_signals,
+    build_uninterrupted,
+    current_in,
+    join,
+)
 from ._waker import Waker
 
 log = logging.getLogger("vbus")
@@ -70,8 +78,10 @@ log = logging.getLogger("vbus")
 T = TypeVar("T")
 Callback = Callable[[Message], Any]
 S = TypeVar("S", bound=BaseSubscriber[Any])
+P = TypeVar("P", bound=Publisher)
+Child = Publisher | BaseSubscriber[Any]
+C = TypeVar("C", bound=Child)
 
-DEFAULT_TIMEOUT = 5.0
 BATCH_DELAY = 0.0005
 EXIT_CLOSE_TIMEOUT = 1.0
 _START_TIMEOUT = 10.0
@@ -153,7 +163,7 @@ class _Core:
         self.state = _State.OPEN
         self.closer: int | None = None  # the thread inside close()
         self.closed_event = threading.Event()
-        self.children: set[Publisher | BaseSubscriber[Any]] = set()
+        self.children: set[Child] = set()
         self.callback_threads: list[threading.Thread] = []
         self.loop: BackgroundLoop | None = None
         self.reporter: Publisher | None = None
@@ -167,7 +177,7 @@ class _Core:
         self.done = False  # everything stopped and joined: nothing left for a second close
 
     # -- the Owner protocols ------------------------------------------------------------------
-    def _forget(self, child: Any) -> None:
+    def _forget(self, child: Child) -> None:
         with self.lock:
             self.children.discard(child)
 
@@ -211,7 +221,7 @@ class _Core:
             raise Closed("the bus is closed" if self.state is not _State.FORKED else
                          "the bus belongs to the parent process (fork)")
 
-    def adopt(self, child: Any) -> Any:
+    def adopt(self, child: C) -> C:
         with self.lock:
             if self.state is _State.OPEN:
                 self.children.add(child)
@@ -236,14 +246,14 @@ class _Core:
                 if not self.handshakes and self.state is not _State.OPEN:
                     self.closing.close()
 
-    def new_outbox(self, batch_delay: float | None = None) -> Any:
+    def new_outbox(self, batch_delay: float | None = None) -> Outbox:
         return new_outbox(
             batch_delay=self.batch_delay if batch_delay is None else batch_delay,
             chunk=self.chunk,
             inflight_limit=self.max_queue_bytes or DEFAULT_MAX_QUEUE_BYTES,
         )
 
-    def publisher(self, cls: type[Publisher]) -> Any:
+    def publisher(self, cls: type[P]) -> P:
         sock, linger = self.publisher_socket()
         return self.adopt(cls(sock, self.new_outbox(), owner=self, linger=linger,
                               lanes=self.lane))
@@ -282,7 +292,7 @@ class _Core:
         except BaseException:
             sock.close(0)
             raise
-        return self.adopt(sub)  # type: ignore[no-any-return]
+        return self.adopt(sub)
 
     def ensure_loop(self) -> BackgroundLoop:
         with self.lock:
@@ -292,10 +302,11 @@ class _Core:
             return self.loop
 
     def in_own_thread(self) -> bool:
-        current = threading.current_thread()
+        # By ident, not threading.current_thread(): that would register a dummy Thread for
+        # a QThread (see _threads.is_current).
         loop = self.loop
-        return (current in self.callback_threads or (loop is not None and loop.in_loop_thread)
-                or _requests.in_own_thread(self))
+        return (current_in(self.callback_threads)
+                or (loop is not None and loop.in_loop_thread) or _requests.in_own_thread(self))
 
     # -- shutdown -----------------------------------------------------------------------------
     def close(self, timeout: float) -> None:
@@ -527,13 +538,11 @@ class Bus:
     # -- publishing -------------------------------------------------------------------------
     def publisher(self) -> Publisher:
         """A thread-safe publisher, returned once the broker accepts its messages."""
-        pub: Publisher = self._core.publisher(Publisher)
-        return pub
+        return self._core.publisher(Publisher)
 
     def async_publisher(self) -> AsyncPublisher:
         """An asyncio publisher, returned once the broker accepts its messages."""
-        pub: AsyncPublisher = self._core.publisher(AsyncPublisher)
-        return pub
+        return self._core.publisher(AsyncPublisher)
 
     # -- subscribing ------------------------------------------------------------------------
     @overload

@@ -231,7 +231,11 @@ def test_stop_from_another_thread_ends_a_blocking_start(leakcheck: Any) -> None:
         ready = threading.Event()
         dispatcher.subscribe(lambda name, doc: ready.set())
         DocumentPublisher(bus, prefix="RE2")("start", {"uid": "a"})
-        stopper = threading.Thread(target=lambda: (ready.wait(10), dispatcher.stop()))
+        def stop_when_ready() -> None:
+            ready.wait(10)
+            dispatcher.stop()
+
+        stopper = threading.Thread(target=stop_when_ready)
         stopper.start()
         started = time.monotonic()
         dispatcher.start()
@@ -246,7 +250,13 @@ INTERRUPTED = textwrap.dedent("""
     from vbus.bluesky import RemoteDispatcher
     with vbus.Bus(bind="tcp://127.0.0.1:0") as bus:
         d = RemoteDispatcher(bus.address, prefix="RE0")
-        print("ready", flush=True)
+
+        def announce():  # once start() runs: a SIGINT before the try would not be caught
+            while not d._started:
+                time.sleep(0.001)
+            print("ready", flush=True)
+
+        threading.Thread(target=announce, daemon=True).start()
         try:
             d.start()
         except KeyboardInterrupt:

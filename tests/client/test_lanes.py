@@ -103,7 +103,11 @@ def test_a_lane_of_a_thread_that_ended_is_reused(bus: vbus.Bus) -> None:
     sub = bus.subscribe("lane/**")
     pub = bus.publisher()
     for index in range(3):  # one after the other: each finds the last one's lane free
-        _threads(1, lambda _i, index=index: _publish_runs(pub, index, 50))
+
+        def run(_thread: int, index: int = index) -> None:
+            _publish_runs(pub, index, 50)
+
+        _threads(1, run)
     values, senders = _collect(sub, 3)
     assert pub.senders == (pub.id,)
     assert all(s == {pub.id} for s in senders.values())

@@ -12,9 +12,9 @@ import threading
 import time
 
 import pytest
-from tests._support import LeakCheck
 
 import vbus
+from tests._support import LeakCheck
 
 
 def _timed_close(bus: vbus.Bus, timeout: float = 5.0) -> float:
@@ -112,7 +112,7 @@ def test_close_wakes_recv_in_another_thread_within_100ms(leakcheck: LeakCheck) -
     assert at - closed_at < 0.1
 
 
-def _wait_until_receiving(sub: vbus.Subscriber) -> None:
+def _wait_until_receiving(sub: vbus.Subscriber | vbus.AsyncSubscriber) -> None:
     # recv() marks itself as the receiver under the lock before it waits; make sure the
     # close() in the test races with a recv() that is really inside poll.
     deadline = time.monotonic() + 2.0
@@ -186,7 +186,10 @@ def test_two_hundred_cycles_leave_nothing_behind(leakcheck: LeakCheck) -> None:
         got = threading.Event()
         sub = bus.subscribe("c/*")
         asub = bus.async_subscribe("c/*")
-        bus.on("c/x", lambda msg, got=got: got.set())
+        def on_x(msg: vbus.Message, got: threading.Event = got) -> None:
+            got.set()
+
+        bus.on("c/x", on_x)
 
         @bus.on("c/*")
         async def on_c(msg: vbus.Message) -> None:
