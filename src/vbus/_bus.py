@@ -173,7 +173,7 @@ class _Core:
         # Woken when close() begins: handshakes under way (subscribe(), publisher() in other
         # threads) wait on it too; closed by the last of them once the bus is closed.
         self.closing = Waker()
-        self.handshakes = 0
+        self.handshakes: set[object] = set()  # a token per handshake under way
         self.done = False  # everything stopped and joined: nothing left for a second close
 
     # -- the Owner protocols ------------------------------------------------------------------
@@ -235,14 +235,18 @@ class _Core:
     @contextlib.contextmanager
     def handshake(self) -> Iterator[Waker]:
         """Around a readiness wait: the waker close() fires, kept open while it is used."""
-        with self.lock:
-            self.check_open()
-            self.handshakes += 1
+        # A token added inside the try (one C call): Ctrl-C anywhere before it adds nothing,
+        # anywhere after it reaches the finally. A counter incremented before the try had a
+        # window in which an interrupt left it one too high, and the waker was never closed.
+        token = object()
         try:
+            with self.lock:
+                self.check_open()
+                self.handshakes.add(token)
             yield self.closing
         finally:
             with self.lock:
-                self.handshakes -= 1
+                self.handshakes.discard(token)
                 if not self.handshakes and self.state is not _State.OPEN:
                     self.closing.close()
 
