@@ -1,0 +1,571 @@
+"""Shared-memory frames, the I/O side: a publisher's pool and a subscriber's resolver.
+
+Mechanism (Linux only; elsewhere everything takes the bytes path):
+- The pool is a memfd (``os.memfd_create``), sized once and sealed against shrinking and
+  growing (so no mapping of it can ever SIGBUS, even after its publisher died) and against
+  new writable mappings (``F_SEAL_FUTURE_WRITE``: only the publisher's own mapping writes).
+  It has no name in any filesystem: nothing exists in /dev/shm, and the memory goes back to
+  the kernel when the last process that maps it unmaps it or dies, ``kill -9`` included.
+- The fd reaches subscribers over an abstract-namespace unix socket (``\\0vbus-shm-<random>``,
+  SOCK_SEQPACKET, SCM_RIGHTS), also without a filesystem entry. The pool thread accepts
+  only peers of the same uid (SO_PEERCRED). Abstract sockets live in a network namespace:
+  a subscriber with the same boot id and network namespace as the publisher (the
+  descriptor's ``host``) can connect; any other is not on the same host.
+- Holds (see _shm_proto.py) are taken, acknowledged and released over that socket. The
+  subscriber's views are read-only numpy arrays over its read-only mapping, released when
+  garbage-collected (``weakref.finalize`` on the array that owns the view's memory: every
+  slice or reshape of it keeps that array alive). A subscriber that dies closes its socket,
+  and the pool releases its holds.
+
+Threads: one per pool (``vbus-shm-<name>``), joined at close. Nothing blocks without a
+deadline; the pool thread never blocks in a send (a subscriber that cannot take a packet
+is disconnected, and its holds released).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import mmap
+import os
+import secrets
+import selectors
+import socket
+import struct
+import sys
+import threading
+import weakref
+from collections import deque
+from typing import Any
+
+from . import _shm_proto as proto
+from ._errors import DecodeError
+from ._topics import compile_pattern
+
+log = logging.getLogger("vbus.shm")
+
+F_SEAL_FUTURE_WRITE = 0x0010
+SEALS = (fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | F_SEAL_FUTURE_WRITE | fcntl.F_SEAL_SEAL
+         if sys.platform == "linux" else 0)
+MAX_CLIENTS = 256
+MAX_LINKS = 64
+"""Pools one subscriber keeps connected at most (one per publisher it hears)."""
+CONNECT_TIMEOUT = 1.0
+"""How long a subscriber waits for a pool's welcome or a claim's answer."""
+_UCRED = struct.Struct("3i")
+
+AVAILABLE = sys.platform == "linux" and hasattr(os, "memfd_create")
+
+
+class Lost(Exception):
+    """A frame's data cannot be had (not on this host, its pool gone, its block reused):
+    counted as a lost message."""
+
+
+_host: str | None = None
+
+
+def host_id() -> str:
+    """This host and network namespace, as the pool's socket sees them."""
+    global _host
+    if _host is None:
+        try:
+            with open("/proc/sys/kernel/random/boot_id") as f:
+                boot = f.read().strip()
+            netns = os.stat("/proc/self/ns/net").st_ino
+        except OSError:
+            boot, netns = secrets.token_hex(8), 0  # unknown: never the same as anyone
+        _host = f"{boot}/{netns}"
+    return _host
+
+
+def _numpy() -> Any:
+    return sys.modules.get("numpy")
+
+
+class Pool:
+    """A publisher's shared pool. ``place`` and ``loan`` are called under the publisher's
+    lock; the ledger is shared with the pool thread under ``_lock``."""
+
+    def __init__(self, size: int = proto.DEFAULT_POOL_BYTES) -> None:
+        if not AVAILABLE:
+            raise OSError("shared-memory frames need Linux (memfd)")
+        import numpy
+
+        self._np = numpy
+        self.ledger = proto.Ledger(size)
+        size = self.ledger.size
+        self.name = f"vbus-shm-{secrets.token_hex(8)}"
+        self.host = host_id()
+        self._lock = threading.Lock()
+        self._returned: deque[int] = deque()  # loans given back by their finalizers
+        self._loans: dict[int, Any] = {}  # serial -> the loan's block, until published/given back
+        self._conns: dict[int, socket.socket] = {}
+        self.sent = 0
+        self.exhausted = 0
+        self._closed = False
+        fds: list[Any] = []
+        try:
+            self._fd = os.memfd_create("vbus-shm", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+            fds.append(self._fd)
+            os.ftruncate(self._fd, size)
+            self._mm = mmap.mmap(self._fd, size, mmap.MAP_SHARED,
+                                 mmap.PROT_READ | mmap.PROT_WRITE)
+            fcntl.fcntl(self._fd, fcntl.F_ADD_SEALS, SEALS)
+            self._base = numpy.frombuffer(self._mm, numpy.uint8)
+            self._addr = self._base.ctypes.data
+            self._listener = socket.socket(socket.AF_UNIX,
+                                           socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+            fds.append(self._listener)
+            self._listener.bind("\0" + self.name)
+            self._listener.listen(64)
+            self._listener.setblocking(False)
+            self._wake_r, self._wake_w = socket.socketpair()
+            fds += [self._wake_r, self._wake_w]
+            self._wake_w.setblocking(False)
+            self._thread = threading.Thread(target=self._serve, name=self.name)
+            self._thread.start()
+        except BaseException:
+            for f in fds:
+                if isinstance(f, int):
+                    os.close(f)
+                else:
+                    f.close()
+            raise
+
+    @property
+    def size(self) -> int:
+        return self.ledger.size
+
+    # -- the publisher's side -----------------------------------------------------------------
+    def place(self, topic: str, data: Any) -> bytes | None:
+        """The descriptor of ``data`` placed in the pool, or None when it takes the bytes path
+        (not a large numpy array, or no room: counted in ``exhausted``)."""
+        np = self._np
+        if type(data) is not np.ndarray or data.nbytes < proto.SHM_THRESHOLD or self._closed:
+            return None
+        dtype = data.dtype
+        if dtype.hasobject:
+            return None  # the bytes path names the error
+        block = self._take_loan(data)
+        if block is None:
+            with self._lock:
+                self._give_back()
+                block = self.ledger.allocate(data.nbytes)
+            if block is None:
+                self.exhausted += 1
+                return None
+            try:
+                dst = np.frombuffer(self._mm, dtype, data.size, block.offset).reshape(data.shape)
+                np.copyto(dst, data, casting="no")
+            except BaseException:
+                with self._lock:
+                    self.ledger.unpin(block)
+                raise
+        descriptor = proto.Descriptor(self.name, self.host, block.serial, block.offset,
+                                      data.nbytes, np.lib.format.dtype_to_descr(dtype),
+                                      data.shape)
+        with self._lock:
+            skipped = self.ledger.publish(block, topic)
+            conns = [self._conns.get(cid) for cid in skipped]
+        for conn in conns:
+            if conn is not None:
+                self._notify(conn, proto.SERIAL.pack(proto.UNHELD, block.serial))
+        self.sent += 1
+        return proto.encode_descriptor(descriptor)
+
+    def _take_loan(self, data: Any) -> proto.Block | None:
+        if not self._loans:
+            return None
+        offset = data.ctypes.data - self._addr
+        if not 0 <= offset < self.size or not data.flags.c_contiguous:
+            return None
+        for serial, block in list(self._loans.items()):
+            if block.offset == offset and block.nbytes == data.nbytes:
+                del self._loans[serial]
+                data.flags.writeable = False  # it belongs to its subscribers now
+                return block  # type: ignore[no-any-return]
+        return None
+
+    def loan(self, shape: Any, dtype: Any) -> Any:
+        """A writable array in the pool, or None when there is no room."""
+        np = self._np
+        dtype = np.dtype(dtype)
+        count = 1
+        for n in (shape if isinstance(shape, tuple) else (shape,)):
+            count *= int(n)
+        nbytes = count * dtype.itemsize
+        if dtype.hasobject or nbytes < proto.SHM_THRESHOLD or self._closed:
+            return None
+        with self._lock:
+            self._give_back()
+            block = self.ledger.allocate(nbytes)
+        if block is None:
+            self.exhausted += 1
+            return None
+        array = np.frombuffer(self._mm, dtype, count, block.offset).reshape(shape)
+        self._loans[block.serial] = block
+        weakref.finalize(array, self._returned.append, block.serial)
+        return array
+
+    def _give_back(self) -> None:
+        # Under _lock: loans garbage-collected without being published.
+        while self._returned:
+            serial = self._returned.popleft()
+            block = self._loans.pop(serial, None)
+            if block is not None:
+                self.ledger.unpin(block)
+
+    def _notify(self, conn: socket.socket, packet: bytes) -> None:
+        try:
+            conn.send(packet, socket.MSG_DONTWAIT)
+        except OSError:
+            # It does not read its socket (stalled) or has gone: cut it, its holds go too.
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    # -- the pool thread --------------------------------------------------------------------
+    def _serve(self) -> None:
+        sel = selectors.DefaultSelector()
+        try:
+            sel.register(self._wake_r, selectors.EVENT_READ)
+            sel.register(self._listener, selectors.EVENT_READ)
+            while True:
+                for key, _ in sel.select():
+                    sock = key.fileobj
+                    if sock is self._wake_r:
+                        return
+                    if sock is self._listener:
+                        self._accept(sel)
+                    else:
+                        assert isinstance(sock, socket.socket)
+                        self._take(sel, sock)
+        except Exception:
+            log.exception("vbus: shared-memory pool %s failed; its frames take the bytes path",
+                          self.name)
+            self._closed = True
+        finally:
+            for conn in list(self._conns.values()):
+                conn.close()
+            self._conns.clear()
+            sel.close()
+
+    def _accept(self, sel: selectors.BaseSelector) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # out of fds: try again when one is free
+                log.warning("vbus: shared-memory pool %s cannot accept: %s", self.name, exc)
+                return
+            uid = _UCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                _UCRED.size))[1]
+            if uid != os.getuid() or len(self._conns) >= MAX_CLIENTS:
+                conn.close()
+                continue
+            conn.setblocking(False)
+            self._conns[conn.fileno()] = conn
+            sel.register(conn, selectors.EVENT_READ)
+
+    def _take(self, sel: selectors.BaseSelector, conn: socket.socket) -> None:
+        cid = conn.fileno()
+        while True:
+            try:
+                packet = conn.recv(proto.MAX_PACKET)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                packet = b""
+            if not packet:
+                self._drop(sel, conn, cid)
+                return
+            try:
+                self._handle(conn, cid, packet)
+            except (ValueError, struct.error, DecodeError) as exc:
+                log.info("vbus: shared-memory pool %s: bad packet (%s); peer cut", self.name, exc)
+                self._drop(sel, conn, cid)
+                return
+
+    def _drop(self, sel: selectors.BaseSelector, conn: socket.socket, cid: int) -> None:
+        sel.unregister(conn)
+        with self._lock:
+            self.ledger.drop_client(cid)
+            self._conns.pop(cid, None)
+        conn.close()
+
+    def _handle(self, conn: socket.socket, cid: int, packet: bytes) -> None:
+        op = packet[0]
+        if op == proto.GOT:
+            serial, released = proto.parse_got(packet)
+            with self._lock:
+                if serial:
+                    self.ledger.got(cid, serial)
+                if released:
+                    self.ledger.release(cid, released)
+        elif op == proto.CLAIM:
+            _, serial = proto.SERIAL.unpack(packet)
+            with self._lock:
+                ok = self.ledger.claim(cid, serial)
+            self._notify(conn, proto.CLAIMED_PACKET.pack(proto.CLAIMED, serial, int(ok)))
+        elif op == proto.HELLO:
+            try:
+                patterns = [compile_pattern(p) for p in proto.parse_hello(packet)]
+            except Exception as exc:
+                raise ValueError(f"bad hello: {exc}") from None
+            matchers = [p.matches for p in patterns]
+
+            def matches(topic: str) -> bool:
+                return any(m is None or m(topic) for m in matchers)
+
+            with self._lock:
+                first = self.ledger.add_client(cid, matches)
+            welcome = proto.WELCOME_PACKET.pack(proto.WELCOME, self.size, first)
+            try:
+                socket.send_fds(conn, [welcome], [self._fd], socket.MSG_DONTWAIT)
+            except OSError:
+                conn.shutdown(socket.SHUT_RDWR)
+        else:
+            raise ValueError(f"unknown op {op}")
+
+    # -- closing ----------------------------------------------------------------------------
+    def close(self, timeout: float = 1.0) -> bool:
+        """Stop the pool thread and free the publisher's side; subscribers' mappings stay
+        valid until they let go. False if the thread did not end in time."""
+        if self._closed and not self._thread.is_alive():
+            return True
+        self._closed = True
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass
+        self._thread.join(max(timeout, 0.0))
+        if self._thread.is_alive():
+            return False
+        for sock in (self._listener, self._wake_r, self._wake_w):
+            sock.close()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        del self._base
+        try:
+            self._mm.close()
+        except BufferError:
+            pass  # loans still referenced: the mapping goes with the last of them
+        return True
+
+
+class _Link:
+    """A subscriber's connection to one publisher's pool, and its read-only mapping."""
+
+    def __init__(self, d: proto.Descriptor, patterns: list[str]) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        fds: list[int] = []
+        try:
+            sock.settimeout(CONNECT_TIMEOUT)
+            sock.connect("\0" + d.pool)
+            sock.sendall(proto.hello(patterns))
+            msg, fds, _, _ = socket.recv_fds(sock, 64, 1)
+            if len(msg) != proto.WELCOME_PACKET.size or msg[0] != proto.WELCOME or len(fds) != 1:
+                raise OSError("no welcome from the pool")
+            _, size, first = proto.WELCOME_PACKET.unpack(msg)
+            fd = fds[0]
+            seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+            if seals & (fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW) != (
+                fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
+            ) or os.fstat(fd).st_size < size:
+                raise OSError("the pool is not sealed: a mapping of it could fault")
+            self.mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+        except BaseException:
+            sock.close()
+            raise
+        finally:
+            for fd in fds:
+                os.close(fd)  # the mapping keeps the memory
+        sock.setblocking(False)
+        self.sock = sock
+        self.size = size
+        self.first = first
+        self.unheld: set[int] = set()
+        self.dead = False
+        self.views = 0
+        self.closing = False
+        self._released: deque[int] = deque()
+        self._send_lock = threading.Lock()
+
+    def poll(self) -> None:
+        """Take what the pool said (frames not held for us; its end)."""
+        while not self.dead:
+            try:
+                packet = self.sock.recv(proto.MAX_PACKET)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                packet = b""
+            if not packet:
+                self.dead = True  # the publisher closed or died: its memory stays valid
+                return
+            if packet[0] == proto.UNHELD and len(packet) == proto.SERIAL.size:
+                self.unheld.add(proto.SERIAL.unpack(packet)[1])
+                if len(self.unheld) > 65536:
+                    self.unheld.clear()  # bounded; a stale entry only costs a claim
+
+    def claim(self, serial: int) -> bool:
+        if self.dead:
+            return False
+        with self._send_lock:
+            try:
+                self.sock.send(proto.SERIAL.pack(proto.CLAIM, serial))
+                self.sock.settimeout(CONNECT_TIMEOUT)
+                try:
+                    while True:
+                        packet = self.sock.recv(proto.MAX_PACKET)
+                        if not packet:
+                            self.dead = True
+                            return False
+                        if packet[0] == proto.CLAIMED:
+                            _, got, ok = proto.CLAIMED_PACKET.unpack(packet)
+                            if got == serial:
+                                return bool(ok)
+                        elif packet[0] == proto.UNHELD:
+                            self.unheld.add(proto.SERIAL.unpack(packet)[1])
+                finally:
+                    self.sock.setblocking(False)
+            except OSError:
+                self.dead = True
+                return False
+
+    def got(self, serial: int) -> None:
+        self.send_released(serial)
+
+    def release(self, serial: int) -> None:
+        # A finalizer: any thread, any moment. Queue, then send if nobody else is sending.
+        self._released.append(serial)
+        self.views -= 1
+        self.send_released(0)
+        if self.closing and self.views <= 0:
+            self._close_now()
+
+    def send_released(self, serial: int) -> None:
+        if not self._send_lock.acquire(blocking=False):
+            return  # the holder sends what we queued after its own send
+        try:
+            while True:
+                rel: list[int] = []
+                while self._released and len(rel) < 1000:
+                    rel.append(self._released.popleft())
+                if serial or rel:
+                    if not self.dead:
+                        try:
+                            self.sock.send(proto.got(serial, rel), socket.MSG_DONTWAIT)
+                        except OSError:
+                            pass  # gone, or not reading: our holds die with the connection
+                serial = 0
+                if not self._released:
+                    return
+        finally:
+            self._send_lock.release()
+
+    def close(self) -> None:
+        """After the subscriber closed: the connection (and our holds) last as long as the
+        views the user still has."""
+        self.closing = True
+        if self.views <= 0:
+            self._close_now()
+
+    def _close_now(self) -> None:
+        with self._send_lock:
+            self.sock.close()
+        self.dead = True
+
+
+class Resolver:
+    """A subscriber's side: turns descriptors into read-only views. Used by the receiving
+    thread only (the finalizers of views only queue and send releases)."""
+
+    def __init__(self, patterns: list[str]) -> None:
+        self._patterns = patterns
+        self._links: dict[str, _Link] = {}
+        self._refused: dict[str, str] = {}  # pools we cannot reach, and why
+        self.received = 0
+        self.lost = 0
+
+    def resolve(self, inline: memoryview) -> Any:
+        """The frame a descriptor names, as a read-only numpy array. DecodeError for a bad
+        descriptor; Lost when its data cannot be had."""
+        try:
+            d = proto.decode_descriptor(inline)
+        except Exception as exc:
+            raise DecodeError(f"bad shared-memory descriptor: {exc}") from None
+        link = self._links.get(d.pool)
+        if link is None:
+            link = self._connect(d)
+        if d.offset < 0 or d.nbytes < 0 or d.offset + d.nbytes > link.size:
+            raise DecodeError(f"descriptor outside its pool: {d.offset}+{d.nbytes}")
+        link.poll()
+        if d.serial >= link.first and d.serial not in link.unheld:
+            link.got(d.serial)
+        else:
+            link.unheld.discard(d.serial)
+            if not link.claim(d.serial):
+                self.lost += 1
+                raise Lost("its block was reused before it arrived" if not link.dead
+                           else "its publisher is gone")
+        from ._wire import _array
+
+        try:
+            array = _array(d.descr, tuple(d.shape),
+                           memoryview(link.mm)[d.offset : d.offset + d.nbytes])
+        except DecodeError:
+            link.views += 1
+            link.release(d.serial)
+            raise
+        owner = array.base if isinstance(array.base, _numpy().ndarray) else array
+        link.views += 1
+        weakref.finalize(owner, link.release, d.serial)
+        self.received += 1
+        return array
+
+    def _connect(self, d: proto.Descriptor) -> _Link:
+        why = self._refused.get(d.pool)
+        if why is None:
+            if d.host != host_id():
+                why = "its publisher is on another host"
+            elif len(self._links) >= MAX_LINKS:
+                self._forget_dead()
+                if len(self._links) >= MAX_LINKS:
+                    why = f"more than {MAX_LINKS} publishers' pools"
+        if why is None:
+            try:
+                link = _Link(d, self._patterns)
+            except (OSError, struct.error) as exc:
+                why = f"its pool does not answer ({_reason(exc)})"
+            else:
+                self._links[d.pool] = link
+                return link
+        if len(self._refused) > 4096:
+            self._refused.clear()
+        self._refused[d.pool] = why
+        self.lost += 1
+        raise Lost(why)
+
+    def _forget_dead(self) -> None:
+        for name, link in list(self._links.items()):
+            if link.dead:
+                link.close()
+                del self._links[name]
+
+    def close(self) -> None:
+        for link in self._links.values():
+            link.close()
+        self._links.clear()
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return errno.errorcode.get(exc.errno, str(exc.errno))
+    return str(exc) or type(exc).__name__
+
