@@ -25,7 +25,6 @@ is disconnected, and its holds released).
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
 import mmap
 import os
@@ -37,25 +36,35 @@ import sys
 import threading
 import weakref
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
+import zmq
+
 from . import _shm_proto as proto
-from ._errors import DecodeError
+from . import _wire
+from ._errors import ConnectError, DecodeError
+from ._threads import Deadline
 from ._topics import compile_pattern
 
-log = logging.getLogger("vbus.shm")
+try:
+    import fcntl
+except ImportError:  # Windows: no shared-memory frames
+    fcntl = None  # type: ignore[assignment]
 
+log = logging.getLogger("vbus.shm")
+TWIN_TOPIC = proto.TWIN.decode()
+
+AVAILABLE = sys.platform == "linux" and hasattr(os, "memfd_create") and fcntl is not None
 F_SEAL_FUTURE_WRITE = 0x0010
 SEALS = (fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | F_SEAL_FUTURE_WRITE | fcntl.F_SEAL_SEAL
-         if sys.platform == "linux" else 0)
+         if AVAILABLE else 0)
 MAX_CLIENTS = 256
 MAX_LINKS = 64
 """Pools one subscriber keeps connected at most (one per publisher it hears)."""
 CONNECT_TIMEOUT = 1.0
 """How long a subscriber waits for a pool's welcome or a claim's answer."""
 _UCRED = struct.Struct("3i")
-
-AVAILABLE = sys.platform == "linux" and hasattr(os, "memfd_create")
 
 
 class Lost(Exception):
@@ -88,7 +97,8 @@ class Pool:
     """A publisher's shared pool. ``place`` and ``loan`` are called under the publisher's
     lock; the ledger is shared with the pool thread under ``_lock``."""
 
-    def __init__(self, size: int = proto.DEFAULT_POOL_BYTES) -> None:
+    def __init__(self, size: int = proto.DEFAULT_POOL_BYTES,
+                 twins: TwinWatcher | None = None) -> None:
         if not AVAILABLE:
             raise OSError("shared-memory frames need Linux (memfd)")
         import numpy
@@ -102,8 +112,11 @@ class Pool:
         self._returned: deque[int] = deque()  # loans given back by their finalizers
         self._loans: dict[int, Any] = {}  # serial -> the loan's block, until published/given back
         self._conns: dict[int, socket.socket] = {}
+        self.twins = twins  # which topics have subscribers that take bytes (None: nobody)
         self.sent = 0
         self.exhausted = 0
+        self.twinned = 0
+        self._encoder = _wire.new_encoder()
         self._closed = False
         fds: list[Any] = []
         try:
@@ -139,9 +152,24 @@ class Pool:
         return self.ledger.size
 
     # -- the publisher's side -----------------------------------------------------------------
-    def place(self, topic: str, data: Any) -> bytes | None:
-        """The descriptor of ``data`` placed in the pool, or None when it takes the bytes path
-        (not a large numpy array, or no room: counted in ``exhausted``)."""
+    def place(self, topic: str, data: Any) -> tuple[bytes, _wire.Payload | None] | None:
+        """``data`` placed in the pool: its descriptor, and its bytes twin if some subscriber
+        of ``topic`` takes bytes. None when it takes the bytes path (not a large numpy array,
+        or no room: counted in ``exhausted``)."""
+        descriptor = self.place_frame(topic, data)
+        if descriptor is None:
+            return None
+        twin = None
+        if self.twins is not None and self.twins.wanted(topic):
+            array = data
+            if array.base is not None and array.ctypes.data - self._addr in range(self.size):
+                array = array.copy()  # a loan: its block may be reused before the twin leaves
+            twin = _wire.encode_payload(array, self._encoder)
+            self.twinned += 1
+        return descriptor, twin
+
+    def place_frame(self, topic: str, data: Any) -> bytes | None:
+        """The descriptor of ``data`` placed in the pool, or None (see ``place``)."""
         np = self._np
         if type(data) is not np.ndarray or data.nbytes < proto.SHM_THRESHOLD or self._closed:
             return None
@@ -345,6 +373,8 @@ class Pool:
         self._thread.join(max(timeout, 0.0))
         if self._thread.is_alive():
             return False
+        if self.twins is not None:
+            self.twins.close()
         for sock in (self._listener, self._wake_r, self._wake_w):
             sock.close()
         if self._fd >= 0:
@@ -356,6 +386,75 @@ class Pool:
         except BufferError:
             pass  # loans still referenced: the mapping goes with the last of them
         return True
+
+
+class TwinWatcher:
+    """A publisher's view of which topics have subscribers that take bytes (the broker's
+    service publishes the twin prefixes subscribed). Its SUB socket is used under the
+    publisher's lock only, and closed there."""
+
+    def __init__(self, context: zmq.Context[zmq.Socket[bytes]], endpoint: str, timeout: float,
+                 configure: Callable[[zmq.Socket[bytes]], None] | None = None,
+                 closing: Any = None) -> None:
+        from ._subscriber import wait_readable
+
+        sock = context.socket(zmq.SUB)
+        try:
+            sock.linger = 0
+            if configure is not None:
+                configure(sock)
+            token = proto.TWINS_STATE + secrets.token_hex(8).encode()
+            sock.subscribe(proto.TWINS_STATE)
+            sock.subscribe(token)
+            sock.connect(endpoint)
+            deadline = Deadline(timeout)
+            self.prefixes: tuple[bytes, ...] = ()
+            self._cache: dict[str, bool] = {}
+            while True:
+                if not wait_readable(sock, deadline, closing):
+                    raise ConnectError(f"broker at {endpoint} did not say which subscribers "
+                                       f"take bytes within {timeout:g} s")
+                first = sock.recv()
+                self._take(first)
+                if first.startswith(token + b"\0"):
+                    break
+        except BaseException:
+            sock.close(0)
+            raise
+        self._sock = sock
+
+    def _take(self, first: bytes) -> None:
+        try:
+            env = _wire.parse_envelope(first)
+            self.prefixes = tuple(proto.parse_twin_state(memoryview(first)[env.offset :]))
+        except Exception:  # not from our broker's service: nothing else can send 0xFD
+            return
+        self._cache.clear()
+
+    def wanted(self, topic: str) -> bool:
+        """Whether some subscriber takes ``topic`` as bytes (as last heard)."""
+        sock = self._sock
+        try:
+            while sock.poll(0):
+                first = sock.recv(zmq.NOBLOCK)
+                while sock.rcvmore:
+                    sock.recv(zmq.NOBLOCK)
+                self._take(first)
+        except zmq.ZMQError:
+            pass
+        hit = self._cache.get(topic)
+        if hit is None:
+            if not self.prefixes:
+                return False
+            wire = topic.encode("ascii") + b"\0"
+            hit = any(wire.startswith(p) for p in self.prefixes)
+            if len(self._cache) > 4096:
+                self._cache.clear()
+            self._cache[topic] = hit
+        return hit
+
+    def close(self) -> None:
+        self._sock.close(0)
 
 
 class _Link:
@@ -457,12 +556,11 @@ class _Link:
                 rel: list[int] = []
                 while self._released and len(rel) < 1000:
                     rel.append(self._released.popleft())
-                if serial or rel:
-                    if not self.dead:
-                        try:
-                            self.sock.send(proto.got(serial, rel), socket.MSG_DONTWAIT)
-                        except OSError:
-                            pass  # gone, or not reading: our holds die with the connection
+                if (serial or rel) and not self.dead:
+                    try:
+                        self.sock.send(proto.got(serial, rel), socket.MSG_DONTWAIT)
+                    except OSError:
+                        pass  # gone, or not reading: our holds die with the connection
                 serial = 0
                 if not self._released:
                     return
@@ -483,16 +581,60 @@ class _Link:
 
 
 class Resolver:
-    """A subscriber's side: turns descriptors into read-only views. Used by the receiving
-    thread only (the finalizers of views only queue and send releases)."""
+    """A subscriber's side: turns descriptors into read-only views, and chooses per publisher
+    between its descriptors and its bytes twins. Used by the receiving thread only (views'
+    finalizers only queue and send releases).
 
-    def __init__(self, patterns: list[str]) -> None:
+    ``twins``: this subscriber subscribed to twins (it is forced off shared memory, or may
+    hear publishers of other hosts). A publisher whose pool it can map is then taken by
+    descriptor and its twins dropped; any other is taken by twin and its descriptors dropped
+    before loss accounting (the twin carries the same seq). Without ``twins`` a descriptor it
+    cannot resolve is a lost message."""
+
+    def __init__(self, patterns: list[str], *, twins: bool = False, forced: bool = False) -> None:
         self._patterns = patterns
+        self.twins = twins or forced
+        self.forced = forced or not AVAILABLE
         self._links: dict[str, _Link] = {}
         self._refused: dict[str, str] = {}  # pools we cannot reach, and why
+        self._modes: dict[bytes, bool] = {}  # sender -> True: by descriptor, False: by twin
         self.received = 0
         self.lost = 0
 
+    # -- choosing between a descriptor and its twin -------------------------------------------
+    def twin(self, env: _wire.Envelope) -> _wire.Envelope | None:
+        """A ``$``-topic message: if it is a twin this subscriber takes, the envelope of the
+        message it carries (same offsets); else None (drop it)."""
+        topic = env.topic
+        if not topic.startswith(TWIN_TOPIC):
+            return env
+        if not self.twins or self._modes.get(env.sender) is True:
+            return None  # not ours; or we map that publisher's pool: its descriptor came
+        return _wire.Envelope(topic[len(TWIN_TOPIC) :], env.flags, env.kind, env.sender,
+                              env.seq, env.time, env.offset)
+
+    def skip(self, sender: bytes, inline: memoryview) -> bool:
+        """A descriptor from ``sender``: True if this subscriber takes its twin instead."""
+        if not self.twins:
+            return False
+        mode = self._modes.get(sender)
+        if mode is None:
+            mode = not self.forced and self._usable(inline)
+            if len(self._modes) > 4096:
+                self._modes.clear()
+            self._modes[sender] = mode
+        return not mode
+
+    def _usable(self, inline: memoryview) -> bool:
+        try:
+            d = proto.decode_descriptor(inline)
+            if d.pool not in self._links:
+                self._connect(d)
+        except (DecodeError, Lost, Exception):
+            return False
+        return True
+
+    # -- descriptors ------------------------------------------------------------------------
     def resolve(self, inline: memoryview) -> Any:
         """The frame a descriptor names, as a read-only numpy array. DecodeError for a bad
         descriptor; Lost when its data cannot be had."""
@@ -514,11 +656,9 @@ class Resolver:
                 self.lost += 1
                 raise Lost("its block was reused before it arrived" if not link.dead
                            else "its publisher is gone")
-        from ._wire import _array
-
         try:
-            array = _array(d.descr, tuple(d.shape),
-                           memoryview(link.mm)[d.offset : d.offset + d.nbytes])
+            array = _wire._array(d.descr, tuple(d.shape),
+                                 memoryview(link.mm)[d.offset : d.offset + d.nbytes])
         except DecodeError:
             link.views += 1
             link.release(d.serial)
@@ -532,7 +672,9 @@ class Resolver:
     def _connect(self, d: proto.Descriptor) -> _Link:
         why = self._refused.get(d.pool)
         if why is None:
-            if d.host != host_id():
+            if not AVAILABLE:
+                why = "shared memory is not available here"
+            elif d.host != host_id():
                 why = "its publisher is on another host"
             elif len(self._links) >= MAX_LINKS:
                 self._forget_dead()

@@ -32,6 +32,8 @@ from typing import Any
 
 import msgspec
 
+from . import _control, _wire
+
 SHM_THRESHOLD = 64 * 1024
 """numpy frames this large or larger travel through the pool."""
 DEFAULT_POOL_BYTES = 128 * 1024 * 1024
@@ -306,3 +308,61 @@ def parse_got(packet: bytes) -> tuple[int, tuple[int, ...]]:
     n = (len(packet) - SERIAL.size) // 8
     _, serial = SERIAL.unpack_from(packet)
     return serial, struct.unpack_from(f"<{n}Q", packet, SERIAL.size)
+
+
+# -- bytes twins: the same publish, as bytes, for subscribers that cannot map the pool ----------
+TWIN = b"$vbus/twin/"
+"""First-frame prefix of a frame's bytes twin: ``$vbus/twin/<topic>\\0<header>...``, the same
+seq as its descriptor. Subscribers that take twins subscribe to ``TWIN + prefix``."""
+TWINS_STATE = b"\xfdvbus/twins/"
+"""The broker's service publishes there which twin prefixes are subscribed (msgpack list of
+bytes): on ``.../all`` when it changes, and on ``.../<token>`` to a publisher that subscribes
+that token (its handshake). 0xFD-led: no network peer can send it through the broker's gate."""
+MAX_TWIN_PREFIXES = 10_000
+_PREFIXES = msgspec.msgpack.Decoder(list[bytes])
+
+
+class TwinRegistry:
+    """The service's side, sans-io: fed subscription changes, returns the frames to publish.
+    ZeroMQ forwards the first subscription of a prefix and its last unsubscription only, so
+    this is a set."""
+
+    def __init__(self, state_frame: Callable[[bytes, bytes], bytes]) -> None:
+        self._frame = state_frame  # (topic, payload) -> a one-frame control message
+        self.prefixes: dict[bytes, None] = {}
+
+    def subscription(self, subscribe: bool, body: bytes) -> list[bytes] | None:
+        """None if ``body`` is not about twins; else the frames to send (maybe none)."""
+        if body.startswith(TWIN):
+            prefix = body[len(TWIN) :]
+            if subscribe:
+                if prefix in self.prefixes or len(self.prefixes) >= MAX_TWIN_PREFIXES:
+                    return []
+                self.prefixes[prefix] = None
+            elif prefix in self.prefixes:
+                del self.prefixes[prefix]
+            else:
+                return []
+            return [self.state(TWINS_STATE + b"all")]
+        if body.startswith(TWINS_STATE):
+            if subscribe and len(body) > len(TWINS_STATE):
+                return [self.state(body)]
+            return []
+        return None
+
+    def state(self, topic: bytes) -> bytes:
+        return self._frame(topic, _ENC.encode(list(self.prefixes)))
+
+
+def parse_twin_state(payload: bytes | memoryview) -> list[bytes]:
+    return _PREFIXES.decode(payload)
+
+
+def twin_registry(sender: bytes) -> TwinRegistry:
+    """The broker service's registry; its frames are control messages from ``sender``."""
+
+    def frame(topic: bytes, payload: bytes) -> bytes:
+        return _control.control_frame(topic, sender,
+                                      payload=_wire.Payload(_wire.KIND_MSGPACK, payload))
+
+    return TwinRegistry(frame)
