@@ -30,7 +30,7 @@ def publisher() -> None:
     for line in sys.stdin:
         cmd = line.split()
         if cmd[0] == "frame":
-            d = pool.place("cam/x", frame(int(cmd[1])))
+            d = pool.place_frame("cam/x", frame(int(cmd[1])))
             print(d.hex() if d is not None else "none", flush=True)
         elif cmd[0] == "stats":
             print("live", len(pool.ledger.live), "clients", pool.ledger.clients, flush=True)

@@ -60,7 +60,7 @@ def test_sigkill_of_a_subscriber_releases_its_holds(leakcheck) -> None:  # type:
         assert child.stdin is not None and child.stdout is not None
         assert child.stdout.readline().startswith("ready")
         for n in range(4):
-            d = pool.place("cam/x", np.full(300_000, n, dtype=np.float32))
+            d = pool.place_frame("cam/x", np.full(300_000, n, dtype=np.float32))
             assert d is not None
             child.stdin.write(f"take {d.hex()}\n")
             child.stdin.flush()
@@ -84,13 +84,13 @@ def test_views_are_identical_read_only_and_never_overwritten(leakcheck) -> None:
     res = _shm.Resolver(["cam/**"])
     try:
         first = np.arange(200_000, dtype=np.int32)
-        kept = res.resolve(memoryview(pool.place("cam/a", first)))  # type: ignore[arg-type]
+        kept = res.resolve(memoryview(pool.place_frame("cam/a", first)))  # type: ignore[arg-type]
         assert kept.dtype == first.dtype and kept.shape == first.shape
         assert not kept.flags.writeable
         with pytest.raises(ValueError):
             kept[0] = 1
         for n in range(40):  # 40 frames of 800 kB through a 4 MiB pool
-            d = pool.place("cam/a", np.full(200_000, n, dtype=np.int32))
+            d = pool.place_frame("cam/a", np.full(200_000, n, dtype=np.int32))
             if d is not None:
                 assert (res.resolve(memoryview(d)) == n).all()
             gc.collect()
@@ -108,7 +108,7 @@ def test_a_loan_is_published_without_a_copy_and_given_back_when_dropped(leakchec
         loan = pool.loan((1024, 512), "uint16")
         assert loan is not None and loan.flags.writeable
         loan[:] = 7
-        view = res.resolve(memoryview(pool.place("cam/a", loan)))  # type: ignore[arg-type]
+        view = res.resolve(memoryview(pool.place_frame("cam/a", loan)))  # type: ignore[arg-type]
         assert not loan.flags.writeable  # it belongs to its subscribers now
         assert (view == 7).all() and view.shape == (1024, 512)
         assert pool.loan((1024, 1024), "uint16") is None  # no room: counted
