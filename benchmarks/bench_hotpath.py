@@ -19,8 +19,9 @@ import time
 from collections.abc import Callable
 
 import vbus
-from vbus import _outbox, _topics
-from vbus._inbox import Inbox
+from vbus._proto import outbox as _outbox
+from vbus._proto import topics as _topics
+from vbus._proto.inbox import Inbox
 
 PAYLOAD = bytes(range(64))
 TOPIC = "bench/hot"

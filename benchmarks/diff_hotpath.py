@@ -17,8 +17,9 @@ import random
 import sys
 from typing import Any
 
-from vbus import _outbox, _topics
-from vbus._inbox import Inbox
+from vbus._proto import outbox as _outbox
+from vbus._proto import topics as _topics
+from vbus._proto.inbox import Inbox
 
 REPORT = b"$vbus/report"
 TIME_AT = 20  # the header's time field, after the topic's terminator

@@ -22,7 +22,7 @@ def main() -> int:
                         help="close after S seconds (default: when the window is closed)")
     args = parser.parse_args()
     try:
-        from vbus._demo_gui import run_gui_demo
+        from vbus._cli.demo.gui import run_gui_demo
     except ImportError as exc:  # no Qt binding or numpy, or a PySide6 that cannot work here
         print(f"qt_viewer: {exc}", file=sys.stderr)
         return 1

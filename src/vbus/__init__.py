@@ -5,7 +5,6 @@ loop, delivery without sleeps, losses counted, and a shutdown that never hangs.
 """
 
 from ._bus import Bus, BusStats, Handle, connect
-from ._endpoints import AddressError
 from ._errors import (
     Closed,
     ConnectError,
@@ -17,6 +16,7 @@ from ._errors import (
     VbusError,
 )
 from ._message import Message
+from ._proto.endpoints import AddressError
 from ._publisher import AsyncPublisher, Publisher, PublisherStats
 from ._requests import RequestStats, Server
 from ._security import (

@@ -29,15 +29,17 @@ import msgspec
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from . import _control, _requests
-from ._broker import MAX_MESSAGE_SIZE, Broker
+from . import _requests
+from ._broker.forwarder import MAX_MESSAGE_SIZE, Broker
 from ._context import ContextKeeper
-from ._endpoints import AddressError, Endpoints, is_loopback, parse_address
 from ._errors import Closed, ConnectError, VbusError
 from ._flusher import Flusher
-from ._limits import DEFAULT_MAX_QUEUE_BYTES, effective_hwm
 from ._loop import BackgroundLoop
 from ._message import Message
+from ._proto import control as _control
+from ._proto.endpoints import AddressError, Endpoints, is_loopback, parse_address
+from ._proto.limits import DEFAULT_MAX_QUEUE_BYTES, effective_hwm
+from ._proto.topics import compile_pattern
 from ._publisher import (
     LINGER,
     AsyncPublisher,
@@ -62,7 +64,6 @@ from ._subscriber import (
     connect_subscriber,
 )
 from ._threads import Deadline, block_signals, build_uninterrupted, join
-from ._topics import compile_pattern
 from ._waker import Waker
 
 log = logging.getLogger("vbus")

@@ -23,12 +23,13 @@ from typing import Any, Protocol
 import msgspec
 import zmq
 
-from . import _control, _wire
 from ._errors import Closed, ConnectError
-from ._outbox import Outbox, Send
+from ._proto import control as _control
+from ._proto import wire as _wire
+from ._proto.outbox import Outbox, Send
+from ._proto.topics import topic_prefix, validate_topic
 from ._subscriber import wait_readable
 from ._threads import Deadline
-from ._topics import topic_prefix, validate_topic
 from ._waker import Waker
 
 _PREFIX_CACHE_LIMIT = 4096

@@ -11,7 +11,7 @@ request under a fresh id and sends it from its own thread; the agent hands the r
 taken for another request's. A sync handler runs on a thread of its own, an async one in a
 task on the bus's loop; each server handles one request at a time, in arrival order (a device
 command must not run twice at once): several servers of a topic share its load. Frames and
-routing: _broker_requests.py.
+routing: _broker/requests.py.
 """
 
 from __future__ import annotations
@@ -32,13 +32,14 @@ from typing import Any, NamedTuple, TypeVar
 import msgspec
 import zmq
 
-from . import _broker_requests as proto
-from . import _control, _wire
+from ._broker import requests as proto
 from ._errors import Closed, ConnectError, DecodeError, EncodeError, NoResponder, RemoteError
 from ._message import Message
-from ._seq import BurstLog
+from ._proto import control as _control
+from ._proto import wire as _wire
+from ._proto.seq import BurstLog
+from ._proto.topics import compile_pattern, validate_topic
 from ._threads import Deadline, block_signals, join
-from ._topics import compile_pattern, validate_topic
 
 log = logging.getLogger("vbus.requests")
 
@@ -84,7 +85,7 @@ def _connect(bus: Any, agent_id: str) -> _Link:
     """An XPUB the broker accepts and a SUB whose reply subscription the broker confirmed,
     through the bus's own context, endpoints and security. The only place that reaches into
     the Bus (its core): rewire it here if the Bus changes."""
-    from ._limits import DEFAULT_MAX_QUEUE_BYTES, effective_hwm
+    from ._proto.limits import DEFAULT_MAX_QUEUE_BYTES, effective_hwm
     from ._publisher import connect_publisher
     from ._subscriber import connect_subscriber
 

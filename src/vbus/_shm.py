@@ -11,7 +11,7 @@ Mechanism (Linux only; elsewhere everything takes the bytes path):
   only peers of the same uid (SO_PEERCRED). Abstract sockets live in a network namespace:
   a subscriber with the same boot id and network namespace as the publisher (the
   descriptor's ``host``) can connect; any other is not on the same host.
-- Holds (see _shm_proto.py) are taken, acknowledged and released over that socket. The
+- Holds (see _proto/shm.py) are taken, acknowledged and released over that socket. The
   subscriber's views are read-only numpy arrays over its read-only mapping, released when
   garbage-collected (``weakref.finalize`` on the array that owns the view's memory: every
   slice or reshape of it keeps that array alive). A subscriber that dies closes its socket,
@@ -41,11 +41,11 @@ from typing import Any
 
 import zmq
 
-from . import _shm_proto as proto
-from . import _wire
 from ._errors import ConnectError, DecodeError
+from ._proto import shm as proto
+from ._proto import wire as _wire
+from ._proto.topics import compile_pattern
 from ._threads import Deadline
-from ._topics import compile_pattern
 
 try:
     import fcntl

@@ -31,12 +31,12 @@ from typing import Any, Protocol
 import msgspec
 import zmq
 
-from . import _control
 from ._errors import Closed, ConnectError
-from ._inbox import Inbox
 from ._message import Message
+from ._proto import control as _control
+from ._proto.inbox import Inbox
+from ._proto.topics import Pattern
 from ._threads import Deadline
-from ._topics import Pattern
 from ._waker import Waker
 
 log = logging.getLogger("vbus.subscriber")
@@ -121,7 +121,7 @@ def connect_subscriber(
     The handshake: subscribe to the pattern's prefixes, then to ``want/<token>\\0<pattern>``
     (which retained values to replay), then to ``ready/<token>`` last; the broker confirms on
     the ready token once the XPUB has applied it, and everything subscribed before it is
-    active then (see _control.py for why the byte order works out). Whatever arrived before
+    active then (see _proto/control.py for why the byte order works out). Whatever arrived before
     the confirmation is already in the inbox, in the order the inbox delivers it.
     """
     sock = context.socket(zmq.SUB)

@@ -24,10 +24,10 @@ from typing import Any
 from event_model import DocumentNames
 
 from ._bus import Bus, connect
+from ._proto.topics import validate_topic
 from ._publisher import Publisher
 from ._security import Keypair
 from ._threads import Deadline
-from ._topics import validate_topic
 
 __all__ = ["DocumentPublisher", "RemoteDispatcher"]
 

@@ -23,9 +23,9 @@ from psygnal import Signal, SignalInstance
 from ._bus import Bus
 from ._errors import Closed, EncodeError
 from ._message import Message, args_as_data
+from ._proto.topics import validate_topic
 from ._publisher import AsyncPublisher, Publisher
 from ._subscriber import AsyncSubscriber, SubscriberStats
-from ._topics import validate_topic
 
 __all__ = ["Forward", "Relay", "forward"]
 

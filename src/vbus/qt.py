@@ -41,11 +41,11 @@ from qtpy.QtCore import QCoreApplication, QObject, QSocketNotifier, Signal, Slot
 from ._bus import Bus
 from ._errors import Closed
 from ._message import Message, args_as_data
+from ._proto.seq import BurstLog
+from ._proto.topics import validate_topic
 from ._publisher import AsyncPublisher, Publisher
-from ._seq import BurstLog
 from ._subscriber import Subscriber
 from ._threads import Deadline
-from ._topics import validate_topic
 
 __all__ = ["QtSubscriber", "QtSubscriberStats", "forward"]
 

@@ -1,0 +1,278 @@
+"""The publisher's outbox, sans-io: sequence numbers, batching, chunking, byte budget, reports.
+
+Fed ``(topic, data, now)``, an Outbox returns the ZeroMQ messages to send, in order, as
+``Send`` objects; the socket class only sends them and says which did not fit (``Send.count``
+goes to ``published`` or ``dropped``). Everything a publisher decides lives here:
+
+- **Order.** Messages leave in publish order, across all topics. A burst of small messages
+  travels in batches, and a batch is a *run* of one topic: at most one batch is open, and a
+  message on another topic (or one that cannot be batched) sends it first.
+- **Bounded bytes.** With ``chunk`` set (a network transport may be on the way) an external
+  payload larger than CHUNK_SIZE goes as a run of chunks (see _proto/chunk.py), so every ZeroMQ
+  message is small and a message-count high-water mark bounds bytes. Without it (in process,
+  zero-copy), the outbox keeps the bytes it has handed to ZeroMQ and not yet seen released
+  (``track``) within ``inflight_limit``: past that, a large message is dropped and counted,
+  and publish still never blocks.
+- **Loss accounting.** Every message spends its sequence number, sent or not, so a
+  subscriber sees the gap.
+"""
+
+from __future__ import annotations
+
+import time as _time
+from collections import deque
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from .._errors import DecodeError, EncodeError
+from . import batch as _batch
+from . import chunk as _chunk
+from . import control as _control
+from . import wire as _wire
+from .batch import Batch
+from .limits import CHUNK_SIZE
+
+BURST_GAP = 10e-6
+"""A message this soon after the previous one starts a batch: a burst is under way."""
+REPORT_PERIOD = 1.0
+OVERHEAD = 12  # bytes per message besides its payload, for the broker's byte counts
+_PLAIN = frozenset({float, int, str, bool, type(None), dict, list, tuple})
+BATCHABLE = _batch.MAX_BYTES // 16  # larger payloads are sent on their own
+_NOTHING: tuple[()] = ()  # what most publishes in a burst send: nothing yet
+
+
+class Tracker(Protocol):
+    """What ZeroMQ gives back for a zero-copy send: done once it let go of the buffer."""
+
+    @property
+    def done(self) -> bool: ...
+
+
+class Send:
+    """One ZeroMQ message to send: ``frames``; ``count`` bus messages it completes (0 for
+    control messages); ``last`` is False for all but the final chunk of a message (if one
+    of them cannot be sent, the rest of that message must not be); ``tracked`` > 0 asks
+    the sender to track the zero-copy last frame and hand the tracker to ``Outbox.track``."""
+
+    __slots__ = ("frames", "count", "last", "tracked")
+
+    def __init__(self, frames: list[Any], count: int = 1, last: bool = True,
+                 tracked: int = 0) -> None:
+        self.frames = frames
+        self.count = count
+        self.last = last
+        self.tracked = tracked
+
+
+class Outbox:
+    def __init__(self, sender: bytes, *, batch_delay: float = 0.0, chunk: bool = False,
+                 inflight_limit: int = 0, chunk_size: int = CHUNK_SIZE) -> None:
+        self.sender = sender
+        self.batch_delay = batch_delay  # 0: never batch
+        self.chunk = chunk
+        self.chunk_size = chunk_size
+        self.inflight_limit = inflight_limit  # 0: no budget
+        self.encoder = _wire.new_encoder()
+        self.published = 0
+        self.dropped = 0
+        self.batch_started = False  # set when a batch opens: the shell arms its flusher
+        self._batch: Batch | None = None
+        self._batch_topic = ""
+        self._last_publish = 0.0
+        self._seqs: dict[str, int] = {}  # per topic: the last seq, i.e. messages published
+        self._bytes: dict[str, int] = {}
+        self._relayed: dict[str, int] = {}  # per topic: messages sent as ready-made frames
+        self._next_report = 0.0
+        self._inflight: deque[tuple[Tracker, int]] = deque()
+        self._inflight_bytes = 0
+
+    # -- publishing -------------------------------------------------------------------------
+    def publish(self, topic: str, prefix: bytes, data: Any, retain: bool = False,
+                now: float | None = None) -> Sequence[Send]:
+        """The sends for one message. EncodeError (nothing changed) if it cannot be encoded."""
+        if now is None:
+            now = _time.time()
+        kind = type(data)
+        if not retain and self.batch_delay and (
+            kind in _PLAIN or (kind is bytes and len(data) <= BATCHABLE)
+        ):
+            try:
+                entry: bytes | None = self.encoder.encode(data)  # bytes: a msgpack bin entry
+            except _wire.NestedArray:
+                entry = None  # arrays inside: a frame each, so not batchable
+            except (TypeError, ValueError, OverflowError, RecursionError) as exc:
+                raise EncodeError(
+                    f"cannot encode payload of type {kind.__name__}: {exc!r}"
+                ) from None
+            if entry is not None and len(entry) <= BATCHABLE:
+                # The hot path, inline: a small plain value, batched in a burst.
+                seq = self._seqs.get(topic, 0) + 1
+                self._seqs[topic] = seq
+                batch = self._batch
+                if batch is not None and self._batch_topic == topic:
+                    self._last_publish = now
+                    if batch.add(now, entry) or now - batch.first_time >= self.batch_delay:
+                        sends = [self._take_batch()]
+                        self._maybe_report(sends, now)
+                        return sends
+                    if now >= self._next_report:
+                        return [self.report(now)]
+                    return _NOTHING
+                return self._start_run(topic, prefix, data, kind, entry, seq, now)
+        payload = _wire.encode_payload(data, self.encoder)
+        sends = self.flush()  # everything published before goes first
+        self._message(sends, topic, prefix, payload, retain, now)
+        self._last_publish = now
+        self._maybe_report(sends, now)
+        return sends
+
+    def _start_run(self, topic: str, prefix: bytes, data: Any, kind: type, entry: bytes,
+                   seq: int, now: float) -> Sequence[Send]:
+        # A small message that does not join the open batch: that batch (another topic's)
+        # goes first; in a burst this one opens a batch, else it goes alone.
+        sends = self.flush()
+        if now - self._last_publish < BURST_GAP:
+            self._batch = Batch(prefix, seq, now, entry)
+            self._batch_topic = topic
+            self.batch_started = True
+        else:
+            payload = (
+                _wire.Payload(_wire.KIND_BYTES, data)
+                if kind is bytes
+                else _wire.Payload(_wire.KIND_MSGPACK, entry)
+            )
+            frame, _ = _wire.build_frames(prefix, 0, self.sender, seq, now, payload)
+            sends.append(Send([frame]))
+            self._count_bytes(topic, len(payload.inline))
+        self._last_publish = now
+        self._maybe_report(sends, now)
+        return sends
+
+    def _message(self, sends: list[Send], topic: str, prefix: bytes, payload: _wire.Payload,
+                 retain: bool, now: float) -> None:
+        seq = self._seqs.get(topic, 0) + 1
+        self._seqs[topic] = seq
+        externals = _externals(payload.external)
+        size = len(payload.inline) + sum(b.nbytes for b in externals)
+        if retain:
+            # The broker's copy goes first: a subscriber joining in between then finds the
+            # value either in the broker's store or in its live stream (deduplicated).
+            # Retained copies are kept whole by the broker, never chunked.
+            copy, _ = _wire.build_frames(prefix, _wire.FLAG_RETAINED, self.sender, seq, now,
+                                         payload)
+            sends.append(Send([_control.RETAIN + copy, *externals], count=0))
+        self._count_bytes(topic, size)
+        large = sum(b.nbytes for b in externals)
+        if self.chunk and large > self.chunk_size:
+            pieces = list(_chunk.chunk_frames(prefix, 0, self.sender, seq, now, payload,
+                                              externals, self.chunk_size))
+            for i, (frame, piece) in enumerate(pieces):
+                sends.append(Send([frame, piece], last=i == len(pieces) - 1))
+            return
+        frame, _ = _wire.build_frames(prefix, 0, self.sender, seq, now, payload)
+        tracked = large if self.inflight_limit and large >= _wire.EXTERNAL_THRESHOLD else 0
+        if tracked and not self._room_for(tracked):
+            self.dropped += 1  # the seq is spent: subscribers see the gap
+            return
+        sends.append(Send([frame, *externals], tracked=tracked))
+
+    def relay(self, frame: bytes, external: Any = None, now: float | None = None) -> list[Send]:
+        """Sends for a message that is already framed (replay keeps its original header)."""
+        try:
+            env = _wire.parse_envelope(frame)
+            topic: str | None = env.topic
+            count = 1
+            if env.kind == _wire.KIND_BATCH:
+                count = _batch.count(memoryview(frame)[env.offset :])
+        except DecodeError:
+            topic, count = None, 1
+        sends = self.flush()
+        sends.append(Send([frame] if external is None else [frame, external], count=count))
+        if topic is not None:  # the broker's per-topic counts see replayed traffic too
+            self._relayed[topic] = self._relayed.get(topic, 0) + count
+            size = len(frame) + (0 if external is None else len(external))
+            self._bytes[topic] = self._bytes.get(topic, 0) + size
+            self._maybe_report(sends, _time.time() if now is None else now)
+        return sends
+
+    def clear_retained(self, prefix: bytes) -> list[Send]:
+        sends = self.flush()
+        frame = _control.control_frame(_control.RETAIN + prefix[:-1], self.sender,
+                                       _wire.FLAG_CLEAR)
+        sends.append(Send([frame], count=0))
+        return sends
+
+    # -- batches ----------------------------------------------------------------------------
+    def flush(self) -> list[Send]:
+        """The open batch, if any, as a send (a new list either way)."""
+        return [self._take_batch()] if self._batch is not None else []
+
+    def due(self) -> float | None:
+        """When the open batch must leave (wall clock), or None."""
+        batch = self._batch
+        return None if batch is None else batch.first_time + self.batch_delay
+
+    def flush_due(self, now: float) -> list[Send]:
+        """The open batch if it has waited ``batch_delay``."""
+        due = self.due()
+        return self.flush() if due is not None and due <= now else []
+
+    def _take_batch(self) -> Send:
+        batch = self._batch
+        assert batch is not None
+        self._batch = None
+        self._bytes[self._batch_topic] = (
+            self._bytes.get(self._batch_topic, 0) + batch.size + OVERHEAD * batch.count
+        )
+        return Send([batch.frame(self.sender)], count=batch.count)
+
+    # -- the zero-copy byte budget ------------------------------------------------------------
+    def track(self, tracker: Tracker, nbytes: int) -> None:
+        """ZeroMQ holds ``nbytes`` of ours until ``tracker.done``."""
+        self._inflight.append((tracker, nbytes))
+        self._inflight_bytes += nbytes
+
+    @property
+    def inflight_bytes(self) -> int:
+        return self._inflight_bytes
+
+    def _room_for(self, nbytes: int) -> bool:
+        if self._inflight_bytes + nbytes <= self.inflight_limit:
+            return True
+        # Over budget: forget what ZeroMQ has let go of (in any order), then look again.
+        kept: deque[tuple[Tracker, int]] = deque()
+        held = 0
+        for tracker, n in self._inflight:
+            if not tracker.done:
+                kept.append((tracker, n))
+                held += n
+        self._inflight, self._inflight_bytes = kept, held
+        return held + nbytes <= self.inflight_limit or not kept  # one may always go alone
+
+    # -- counters -----------------------------------------------------------------------------
+    def _count_bytes(self, topic: str, size: int) -> None:
+        self._bytes[topic] = self._bytes.get(topic, 0) + size + OVERHEAD
+
+    def _maybe_report(self, sends: list[Send], now: float) -> None:
+        if now >= self._next_report:
+            sends.append(self.report(now))
+
+    def report(self, now: float, closed: bool = False) -> Send:
+        """Cumulative counters for the broker's $vbus/stats, at most once a second while
+        publishing and once at close."""
+        self._next_report = now + REPORT_PERIOD
+        counts = dict(self._relayed)
+        for t, n in self._seqs.items():
+            counts[t] = counts.get(t, 0) + n
+        topics = {t: (n, self._bytes.get(t, 0)) for t, n in counts.items()}
+        report = _control.Report("publisher", topics=topics, dropped=self.dropped, closed=closed)
+        return Send([_control.report_frame(self.sender, report)], count=0)
+
+
+def _externals(external: Any) -> list[memoryview]:
+    """A payload's external buffers: none, one, or several."""
+    if external is None:
+        return []
+    if isinstance(external, (list, tuple)):
+        return [memoryview(b) for b in external]
+    return [memoryview(external)]
