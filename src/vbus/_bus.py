@@ -29,7 +29,7 @@ import msgspec
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from . import _requests
+from . import _requests, _shm
 from ._broker.forwarder import MAX_MESSAGE_SIZE, Broker
 from ._context import ContextKeeper
 from ._errors import Closed, ConnectError, VbusError
@@ -37,6 +37,7 @@ from ._flusher import Flusher
 from ._loop import BackgroundLoop
 from ._message import Message
 from ._proto import control as _control
+from ._proto import shm as _shm_proto
 from ._proto.endpoints import AddressError, Endpoints, is_loopback, parse_address
 from ._proto.limits import DEFAULT_MAX_QUEUE_BYTES, effective_hwm
 from ._proto.topics import compile_pattern
@@ -148,6 +149,7 @@ class _Core:
         self.chunk = chunk
         self.name = name
         self.batch_delay = batch_delay
+        self.shm_pool_bytes = 0  # shm: each publisher's shared pool (0: none); see _shm.py
         self.flusher = Flusher(f"vbus-flusher-{name}", batch_delay) if batch_delay > 0 else None
         self.configure: Callable[[zmq.Socket[bytes]], None] | None = None
         self.lock = threading.RLock()  # re-entrant: close() may run in a signal handler
@@ -252,10 +254,16 @@ class _Core:
                                      effective_hwm(self.hwm, self.max_queue_bytes),
                                      self.configure, closing)
         linger = LINGER if self.endpoints.is_network else 0.0
-        return self.adopt(cls(sock, self.new_outbox(), owner=self, linger=linger))
+        outbox = self.new_outbox()
+        if self.shm_pool_bytes and self.chunk and _shm.AVAILABLE:  # shm: made on first use
+            endpoint, configure = self.endpoints.subscribe, self.configure
+            outbox.shm = _shm.Placer(self.shm_pool_bytes, lambda: _shm.TwinWatcher(
+                self.context, endpoint, configure))
+        return self.adopt(cls(sock, outbox, owner=self, linger=linger))
 
     def subscribe(self, cls: type[S], pattern: str, type: Any, hwm: int | None,
-                  on_loss: LossHook | None, max_queue_bytes: int | None) -> S:
+                  on_loss: LossHook | None, max_queue_bytes: int | None,
+                  shm: bool = True) -> S:
         compiled = compile_pattern(pattern)
         if hwm is not None and hwm < 1:
             raise ValueError(f"hwm must be at least 1, not {hwm}")
@@ -268,6 +276,9 @@ class _Core:
                 self.context, self.endpoints.subscribe, compiled, timeout=self.timeout,
                 hwm=queue, type=type, max_assembly_bytes=budget or DEFAULT_MAX_QUEUE_BYTES,
                 configure=self.configure, closing=closing,
+                shm=_shm.Resolver([pattern], forced=not shm,  # shm: bytes twins if off it,
+                                  twins=self.endpoints.is_network  # or maybe on another host
+                                  and not is_loopback(self.endpoints)),
             )
         try:
             sub: S = cls(sock, inbox, on_loss=on_loss, owner=self)
@@ -406,6 +417,7 @@ class Bus:
         authorized: Authorized | None = None,
         batch_delay: float = BATCH_DELAY,
         max_queue_bytes: int | None = None,
+        shm_pool_bytes: int | None = None,
     ) -> None:
         """``hwm``: queue bound, in ZeroMQ messages (a batch of small messages is one), of
         each publisher, of the broker's intake, and of each subscriber unless it sets its
@@ -418,10 +430,13 @@ class Bus:
         (public keys, or a directory of ``*.pub`` files) make every network endpoint speak
         CURVE and admit only those keys. ``batch_delay`` (seconds) bounds how long a
         publisher in a burst may hold a message to send it with others; 0 disables
-        batching."""
+        batching. ``shm_pool_bytes`` (default 128 MiB; 0: none) sizes each publisher's
+        shared pool: numpy frames of 64 KiB and more go to subscribers on this host through
+        it, without crossing the broker (see docs/reliability.md)."""
         if max_message_size < 1:
             raise ValueError(f"max_message_size must be positive, not {max_message_size}")
         _check_options(hwm, timeout, batch_delay, max_queue_bytes)
+        pool_bytes = _shm_pool_bytes(shm_pool_bytes)  # shm
         security = server_security(keypair, authorized)
         binds = [bind] if isinstance(bind, str) else list(bind or ())
         for b in binds:
@@ -435,6 +450,7 @@ class Bus:
         core = _Core(keeper, owns_context=True, hwm=hwm, timeout=timeout,
                      batch_delay=batch_delay, max_queue_bytes=max_queue_bytes,
                      chunk=bool(binds), name=f"{id(keeper):x}")
+        core.shm_pool_bytes = pool_bytes  # shm
         try:
             # On a thread of its own: Ctrl-C cannot leave a broker half-started, and one
             # that started anyway is in core.broker for the cleanup below to stop.
@@ -459,8 +475,9 @@ class Bus:
     @classmethod
     def _client(cls, address: str, timeout: float, hwm: int | None,
                 security: ClientSecurity | None = None, batch_delay: float = BATCH_DELAY,
-                max_queue_bytes: int | None = None) -> Bus:
+                max_queue_bytes: int | None = None, shm_pool_bytes: int | None = None) -> Bus:
         _check_options(hwm, timeout, batch_delay, max_queue_bytes)
+        pool_bytes = _shm_pool_bytes(shm_pool_bytes)  # shm
         endpoints = parse_address(address)
         if endpoints.address.endswith(":0"):
             raise AddressError(f"connect {address!r}: port 0 is only for bind")
@@ -473,6 +490,7 @@ class Bus:
                      chunk=endpoints.is_network or (owner is not None and owner.chunk),
                      name=f"client-{id(keeper):x}-{endpoints.address}")
         core.endpoints = endpoints
+        core.shm_pool_bytes = pool_bytes  # shm
         core.configure = security.apply if security is not None and owner is None else None
         try:
             failure = _probe(core.context, endpoints.publish, timeout, core.configure)
@@ -536,14 +554,18 @@ class Bus:
         hwm: int | None = None,
         on_loss: LossHook | None = None,
         max_queue_bytes: int | None = None,
+        shm: bool = True,
     ) -> Subscriber:
         """A sync subscriber, returned once its subscription is active at the broker.
 
         ``type`` decodes and validates payloads into it; ``hwm`` bounds its queue (messages)
         and ``max_queue_bytes`` (bytes; default: the bus's) what it may hold queued;
         ``on_loss(topic, sender, count)`` is called in the receiving thread for every gap.
+        Large numpy frames of publishers on this host arrive as read-only views of their
+        shared memory; ``shm=False`` takes them as bytes instead (see docs/reliability.md).
         """
-        return self._core.subscribe(Subscriber, pattern, type, hwm, on_loss, max_queue_bytes)
+        return self._core.subscribe(Subscriber, pattern, type, hwm, on_loss, max_queue_bytes,
+                                    shm)
 
     def async_subscribe(
         self,
@@ -553,11 +575,12 @@ class Bus:
         hwm: int | None = None,
         on_loss: LossHook | None = None,
         max_queue_bytes: int | None = None,
+        shm: bool = True,
     ) -> AsyncSubscriber:
         """An asyncio subscriber, returned once its subscription is active at the broker.
         The options are those of ``subscribe``."""
         return self._core.subscribe(AsyncSubscriber, pattern, type, hwm, on_loss,
-                                    max_queue_bytes)
+                                    max_queue_bytes, shm)
 
     @overload
     def on(self, pattern: str, *, type: Any = None, hwm: int | None = None,
@@ -703,16 +726,28 @@ def connect(
     server_key: str | None = None,
     batch_delay: float = BATCH_DELAY,
     max_queue_bytes: int | None = None,
+    shm_pool_bytes: int | None = None,
 ) -> Bus:
     """A bus that is a client of the broker at ``address`` (another process or host).
 
     Raises ConnectError naming the address when no broker answers within ``timeout`` or
     the broker refuses us. ``keypair`` and ``server_key`` (the broker's public key) are
     needed for a broker with CURVE security. ``batch_delay``, ``hwm`` and
-    ``max_queue_bytes`` as for ``Bus``.
+    ``max_queue_bytes`` as for ``Bus``. ``shm_pool_bytes`` sizes each publisher's shared
+    pool for large numpy frames to subscribers on this host (default 128 MiB; 0: none).
     """
     return Bus._client(address, timeout, hwm, client_security(keypair, server_key),
-                       batch_delay, max_queue_bytes)
+                       batch_delay, max_queue_bytes, shm_pool_bytes)
+
+
+def _shm_pool_bytes(size: int | None) -> int:
+    # shm: None is the default size; 0 turns shared memory off for this bus's publishers.
+    if size is None:
+        return _shm_proto.DEFAULT_POOL_BYTES
+    if size and size < _shm_proto.MIN_POOL_BYTES:
+        raise ValueError(f"shm_pool_bytes must be 0 or at least {_shm_proto.MIN_POOL_BYTES}, "
+                         f"not {size}")
+    return size
 
 
 def _check_options(hwm: int | None, timeout: float, batch_delay: float,

@@ -46,9 +46,15 @@ class PublisherOwner(Protocol):
 
 
 class PublisherStats(msgspec.Struct, frozen=True):
+    """``shm_frames`` went through the shared pool (by descriptor), ``shm_exhausted`` found
+    it full and went as bytes, ``shm_twins`` also went as bytes to subscribers off it."""
+
     sender: str
     published: int
     dropped: int
+    shm_frames: int = 0
+    shm_exhausted: int = 0
+    shm_twins: int = 0
 
 
 def connect_publisher(
@@ -228,7 +234,25 @@ class Publisher:
                 return
 
     def stats(self) -> PublisherStats:
-        return PublisherStats(self.id, self._outbox.published, self._outbox.dropped)
+        pool = self._outbox.shm
+        if pool is None:
+            return PublisherStats(self.id, self._outbox.published, self._outbox.dropped)
+        return PublisherStats(self.id, self._outbox.published, self._outbox.dropped,
+                              pool.sent, pool.exhausted, pool.twinned)
+
+    def loan(self, shape: int | tuple[int, ...], dtype: Any) -> Any:
+        """A writable numpy array to fill and then publish without a copy: in the shared
+        pool when this publisher has one and it has room, else an ordinary array (it then
+        goes as bytes). After ``publish`` the array is read-only: it belongs to the
+        subscribers' views. An array never published is given back when it is collected."""
+        import numpy
+
+        pool = self._outbox.shm
+        if self.closed:
+            raise Closed("publisher is closed")
+        with self._lock:
+            array = pool.loan(shape, dtype) if pool is not None else None
+        return array if array is not None else numpy.empty(shape, dtype)
 
     def close(self) -> None:
         """Close the publisher. Idempotent; ``publish`` afterwards raises Closed.
@@ -265,6 +289,8 @@ class Publisher:
         finally:
             self._closed = True
             self._sock.close(int(max(linger, 0.0) * 1000))
+            if outbox.shm is not None:  # shm: its thread, socket and memfd
+                outbox.shm.close()
             owner = self._owner
             if owner is not None:
                 owner._forget(self)

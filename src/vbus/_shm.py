@@ -41,11 +41,10 @@ from typing import Any
 
 import zmq
 
-from ._errors import ConnectError, DecodeError
+from ._errors import DecodeError
 from ._proto import shm as proto
 from ._proto import wire as _wire
 from ._proto.topics import compile_pattern
-from ._threads import Deadline
 
 try:
     import fcntl
@@ -390,38 +389,28 @@ class Pool:
 
 class TwinWatcher:
     """A publisher's view of which topics have subscribers that take bytes (the broker's
-    service publishes the twin prefixes subscribed). Its SUB socket is used under the
-    publisher's lock only, and closed there."""
+    service publishes the twin prefixes subscribed). Until the service's first answer has
+    come, every topic is taken to have some: twins are sent rather than missed. Its SUB
+    socket is used under the publisher's lock only, and closed there."""
 
-    def __init__(self, context: zmq.Context[zmq.Socket[bytes]], endpoint: str, timeout: float,
-                 configure: Callable[[zmq.Socket[bytes]], None] | None = None,
-                 closing: Any = None) -> None:
-        from ._subscriber import wait_readable
-
+    def __init__(self, context: zmq.Context[zmq.Socket[bytes]], endpoint: str,
+                 configure: Callable[[zmq.Socket[bytes]], None] | None = None) -> None:
         sock = context.socket(zmq.SUB)
         try:
             sock.linger = 0
             if configure is not None:
                 configure(sock)
-            token = proto.TWINS_STATE + secrets.token_hex(8).encode()
+            self._token = proto.TWINS_STATE + secrets.token_hex(8).encode() + b"\0"
             sock.subscribe(proto.TWINS_STATE)
-            sock.subscribe(token)
+            sock.subscribe(self._token[:-1])
             sock.connect(endpoint)
-            deadline = Deadline(timeout)
-            self.prefixes: tuple[bytes, ...] = ()
-            self._cache: dict[str, bool] = {}
-            while True:
-                if not wait_readable(sock, deadline, closing):
-                    raise ConnectError(f"broker at {endpoint} did not say which subscribers "
-                                       f"take bytes within {timeout:g} s")
-                first = sock.recv()
-                self._take(first)
-                if first.startswith(token + b"\0"):
-                    break
         except BaseException:
             sock.close(0)
             raise
         self._sock = sock
+        self.known = False
+        self.prefixes: tuple[bytes, ...] = ()
+        self._cache: dict[str, bool] = {}
 
     def _take(self, first: bytes) -> None:
         try:
@@ -430,6 +419,8 @@ class TwinWatcher:
         except Exception:  # not from our broker's service: nothing else can send 0xFD
             return
         self._cache.clear()
+        if first.startswith(self._token):
+            self.known = True
 
     def wanted(self, topic: str) -> bool:
         """Whether some subscriber takes ``topic`` as bytes (as last heard)."""
@@ -442,6 +433,8 @@ class TwinWatcher:
                 self._take(first)
         except zmq.ZMQError:
             pass
+        if not self.known:
+            return True
         hit = self._cache.get(topic)
         if hit is None:
             if not self.prefixes:
@@ -455,6 +448,63 @@ class TwinWatcher:
 
     def close(self) -> None:
         self._sock.close(0)
+
+
+class Placer:
+    """A publisher's shared-memory side (``Outbox.shm``): its pool and twin watcher, made
+    on the first frame that needs them. Called under the publisher's lock."""
+
+    def __init__(self, size: int, watcher: Callable[[], TwinWatcher]) -> None:
+        self._size = size
+        self._watcher = watcher
+        self.pool: Pool | None = None
+        self._failed = False
+
+    def _start(self) -> Pool | None:
+        if self._failed:
+            return None
+        try:
+            import numpy  # noqa: F401  (frames are numpy arrays)
+
+            watcher = self._watcher()
+            try:
+                self.pool = Pool(self._size, watcher)
+            except BaseException:
+                watcher.close()
+                raise
+        except (OSError, ImportError, zmq.ZMQError) as exc:
+            self._failed = True
+            log.warning("vbus: no shared-memory pool (%s); large frames go as bytes", exc)
+            return None
+        return self.pool
+
+    def place(self, topic: str, data: Any) -> tuple[bytes, _wire.Payload | None] | None:
+        np = _numpy()
+        if np is None or type(data) is not np.ndarray or data.nbytes < proto.SHM_THRESHOLD:
+            return None
+        pool = self.pool or self._start()
+        return None if pool is None else pool.place(topic, data)
+
+    def loan(self, shape: Any, dtype: Any) -> Any:
+        pool = self.pool or self._start()
+        return None if pool is None else pool.loan(shape, dtype)
+
+    @property
+    def sent(self) -> int:
+        return self.pool.sent if self.pool is not None else 0
+
+    @property
+    def exhausted(self) -> int:
+        return self.pool.exhausted if self.pool is not None else 0
+
+    @property
+    def twinned(self) -> int:
+        return self.pool.twinned if self.pool is not None else 0
+
+    def close(self) -> None:
+        self._failed = True
+        if self.pool is not None:
+            self.pool.close()
 
 
 class _Link:
@@ -600,6 +650,7 @@ class Resolver:
         self._modes: dict[bytes, bool] = {}  # sender -> True: by descriptor, False: by twin
         self.received = 0
         self.lost = 0
+        self.why = ""
 
     # -- choosing between a descriptor and its twin -------------------------------------------
     def twin(self, env: _wire.Envelope) -> _wire.Envelope | None:
@@ -636,8 +687,15 @@ class Resolver:
 
     # -- descriptors ------------------------------------------------------------------------
     def resolve(self, inline: memoryview) -> Any:
-        """The frame a descriptor names, as a read-only numpy array. DecodeError for a bad
-        descriptor; Lost when its data cannot be had."""
+        """The frame a descriptor names, as a read-only numpy array; None when its data
+        cannot be had (a lost message: ``why`` says why). DecodeError for a bad descriptor."""
+        try:
+            return self._resolve(inline)
+        except Lost as exc:
+            self.why = str(exc)
+            return None
+
+    def _resolve(self, inline: memoryview) -> Any:
         try:
             d = proto.decode_descriptor(inline)
         except Exception as exc:

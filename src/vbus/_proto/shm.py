@@ -312,7 +312,7 @@ def parse_got(packet: bytes) -> tuple[int, tuple[int, ...]]:
 
 
 # -- bytes twins: the same publish, as bytes, for subscribers that cannot map the pool ----------
-TWIN = b"$vbus/twin/"
+TWIN = _control.TWIN
 """First-frame prefix of a frame's bytes twin: ``$vbus/twin/<topic>\\0<header>...``, the same
 seq as its descriptor. Subscribers that take twins subscribe to ``TWIN + prefix``."""
 TWINS_STATE = b"\xfdvbus/twins/"
