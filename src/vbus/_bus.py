@@ -149,7 +149,7 @@ class _Core:
         self.chunk = chunk
         self.name = name
         self.batch_delay = batch_delay
-        self.shm_pool_bytes = 0  # shm: each publisher's shared pool (0: none); see _shm.py
+        self.shm_pool_bytes: int | None = None  # shm: publishers' pool size (0: no pool)
         self.flusher = Flusher(f"vbus-flusher-{name}", batch_delay) if batch_delay > 0 else None
         self.configure: Callable[[zmq.Socket[bytes]], None] | None = None
         self.lock = threading.RLock()  # re-entrant: close() may run in a signal handler
@@ -255,10 +255,13 @@ class _Core:
                                      self.configure, closing)
         linger = LINGER if self.endpoints.is_network else 0.0
         outbox = self.new_outbox()
-        if self.shm_pool_bytes and self.chunk and _shm.AVAILABLE:  # shm: made on first use
+        if self.shm_pool_bytes != 0 and self.chunk and _shm.AVAILABLE:  # shm: on first use
             endpoint, configure = self.endpoints.subscribe, self.configure
-            outbox.shm = _shm.Placer(self.shm_pool_bytes, lambda: _shm.TwinWatcher(
-                self.context, endpoint, configure))
+            # By default the pool fits in the bus's byte bound, as every queue does.
+            size = self.shm_pool_bytes or min(_shm_proto.DEFAULT_POOL_BYTES,
+                                              self.max_queue_bytes or DEFAULT_MAX_QUEUE_BYTES)
+            outbox.shm = _shm.Placer(max(size, _shm_proto.MIN_POOL_BYTES), lambda: (
+                _shm.TwinWatcher(self.context, endpoint, configure)))
         return self.adopt(cls(sock, outbox, owner=self, linger=linger))
 
     def subscribe(self, cls: type[S], pattern: str, type: Any, hwm: int | None,
@@ -430,7 +433,8 @@ class Bus:
         (public keys, or a directory of ``*.pub`` files) make every network endpoint speak
         CURVE and admit only those keys. ``batch_delay`` (seconds) bounds how long a
         publisher in a burst may hold a message to send it with others; 0 disables
-        batching. ``shm_pool_bytes`` (default 128 MiB; 0: none) sizes each publisher's
+        batching. ``shm_pool_bytes`` (default 128 MiB, or ``max_queue_bytes`` if that is
+        less; 0: none) sizes each publisher's
         shared pool: numpy frames of 64 KiB and more go to subscribers on this host through
         it, without crossing the broker (see docs/reliability.md)."""
         if max_message_size < 1:
@@ -740,10 +744,10 @@ def connect(
                        batch_delay, max_queue_bytes, shm_pool_bytes)
 
 
-def _shm_pool_bytes(size: int | None) -> int:
+def _shm_pool_bytes(size: int | None) -> int | None:
     # shm: None is the default size; 0 turns shared memory off for this bus's publishers.
     if size is None:
-        return _shm_proto.DEFAULT_POOL_BYTES
+        return None
     if size and size < _shm_proto.MIN_POOL_BYTES:
         raise ValueError(f"shm_pool_bytes must be 0 or at least {_shm_proto.MIN_POOL_BYTES}, "
                          f"not {size}")

@@ -413,9 +413,10 @@ class TwinWatcher:
         self._cache: dict[str, bool] = {}
 
     def _take(self, first: bytes) -> None:
+        # The topic is 0xFD-led (not ASCII): the header follows the terminator.
+        offset = first.find(b"\0") + 1 + _wire.HEADER_SIZE
         try:
-            env = _wire.parse_envelope(first)
-            self.prefixes = tuple(proto.parse_twin_state(memoryview(first)[env.offset :]))
+            self.prefixes = tuple(proto.parse_twin_state(memoryview(first)[offset:]))
         except Exception:  # not from our broker's service: nothing else can send 0xFD
             return
         self._cache.clear()
