@@ -184,8 +184,10 @@ class Pool:
                 self.exhausted += 1
                 return None
             try:
-                dst = np.frombuffer(self._mm, dtype, data.size, block.offset).reshape(data.shape)
-                np.copyto(dst, data, casting="no")
+                # Raw bytes, padding included (as the bytes path sends them): one copy.
+                src = data if data.flags.c_contiguous else np.ascontiguousarray(data)
+                dst = np.frombuffer(self._mm, np.uint8, data.nbytes, block.offset)
+                dst[:] = src.reshape(-1).view(np.uint8)
             except BaseException:
                 with self._lock:
                     self.ledger.unpin(block)
@@ -343,10 +345,12 @@ class Pool:
                 patterns = [compile_pattern(p) for p in proto.parse_hello(packet)]
             except Exception as exc:
                 raise ValueError(f"bad hello: {exc}") from None
-            matchers = [p.matches for p in patterns]
 
             def matches(topic: str) -> bool:
-                return any(m is None or m(topic) for m in matchers)
+                # A pattern without a matcher is exact by its ZeroMQ prefixes alone.
+                wire = topic.encode("ascii") + b"\0"
+                return any(wire.startswith(p.prefixes) if p.matches is None else p.matches(topic)
+                           for p in patterns)
 
             with self._lock:
                 first = self.ledger.add_client(cid, matches)
