@@ -99,7 +99,7 @@ def test_pinned_blocks_and_loans() -> None:
     assert loan.serial not in ledger.live
 
 
-def test_next_fit_wraps_and_skips_held_blocks() -> None:
+def test_first_fit_skips_held_blocks() -> None:
     ledger = proto.Ledger(4 * MIB, client_budget=4 * MIB)
     ledger.add_client(1, everything)
     held = []
@@ -123,3 +123,21 @@ def test_descriptor_and_packets_round_trip() -> None:
     assert proto.parse_hello(proto.hello(["a/**"])) == ["a/**"]
     with pytest.raises(ValueError):
         proto.Ledger(1000)
+
+
+def test_a_late_claim_finds_the_recent_frames_intact() -> None:
+    # A subscriber connects to the pool when its first descriptor arrives: frames published
+    # just before that must still be claimable, however fast the publisher reuses memory.
+    ledger = proto.Ledger(64 * MIB)
+    blocks = []
+    for _ in range(proto.QUARANTINE):
+        b = ledger.allocate(MIB)
+        assert b is not None
+        ledger.publish(b, "cam")
+        blocks.append(b)
+    assert len({b.offset for b in blocks}) == proto.QUARANTINE  # none reused yet
+    ledger.add_client(1, everything)
+    assert ledger.claim(1, blocks[0].serial)
+    ledger.release(1, [blocks[0].serial])
+    again = ledger.allocate(MIB)
+    assert again is not None and again.offset < 64 * MIB // 2  # first fit: low, cache-warm
