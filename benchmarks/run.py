@@ -60,6 +60,7 @@ WORKLOADS: dict[str, Any] = {
     "fanout-tcp": lambda c, log: throughput("fanout", "tcp", [B64], c, log, nsubs=4),
     "threads-tcp": lambda c, log: throughput("threads", "tcp", [B64], c, log, threads=(1, 4)),
     "memory": None,  # special: its own section
+    "shm": None,  # special: bench_shm.py (shared memory, issue 17), its own section
 }
 MEMORY_FLAG_MIB = 1024  # target 5: 64 frames of 16 MiB in all three processes is not bounded
 EXTRA = ("profile",)  # on request only: needs py-spy
@@ -71,6 +72,7 @@ DESCRIPTIONS = {
     "fanout": "64 B to 4 subscriber processes",
     "threads": "64 B, 4 threads sharing one publisher vs 1 thread",
     "memory": "stalled subscriber, 16 MiB frames: peak RSS (target 5)",
+    "shm": "1 and 16 MiB frames between processes on one host: vbus shm, raw pyzmq, Zenoh shm",
     "profile": "py-spy profile of the vbus 64 B brokered tcp path",
 }
 
@@ -172,12 +174,20 @@ def main(argv: list[str] | None = None) -> int:
         rows: list[Row] = []
         mem: list[dict[str, Any]] | None = None
         profile_text: str | None = None
+        shm_text: str | None = None
         failures: list[str] = []
         for name in names:
             print(f"== {name}: {DESCRIPTIONS[name.split('-')[0]]}", flush=True)
             try:
                 if name == "memory":
                     mem = memory(cfg, log)
+                elif name == "shm":
+                    import bench_shm
+
+                    found = bench_shm.run([1 << 20, 16 << 20], max(cfg.duration, 1.0),
+                                          cfg.runs, 128 << 20, log)
+                    shm_text = (f"medians of {cfg.runs}, payload GB/s delivered, pool 128 MiB"
+                                f"\n\n{bench_shm.table(found)}")
                 elif name == "profile":
                     from bench_profile import profile
 
@@ -205,6 +215,11 @@ def main(argv: list[str] | None = None) -> int:
         if profile_text:
             print()
             print(profile_text)
+        if shm_text:
+            print()
+            print(shm_text)
+            report += f"\n## Large frames through shared memory (issue 17)\n\n{shm_text}\n"
+
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(report)
         args.output.with_suffix(".json").write_text(json.dumps(

@@ -62,6 +62,8 @@ SEALS = (fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | F_SEAL_FUTURE_WRITE | fcntl.F
 MAX_CLIENTS = 256
 MAX_LINKS = 64
 """Pools one subscriber keeps connected at most (one per publisher it hears)."""
+GOT_BATCH = 16
+"""Frames a subscriber receives, at most, before it says so without waiting for a release."""
 CONNECT_TIMEOUT = 1.0
 """How long a subscriber waits for a pool's welcome or a claim's answer."""
 _UCRED = struct.Struct("3i")
@@ -330,9 +332,9 @@ class Pool:
     def _handle(self, conn: socket.socket, cid: int, packet: bytes) -> None:
         op = packet[0]
         if op == proto.GOT:
-            serial, released = proto.parse_got(packet)
+            received, released = proto.parse_got(packet)
             with self._lock:
-                if serial:
+                for serial in sorted(received):
                     self.ledger.got(cid, serial)
                 if released:
                     self.ledger.release(cid, released)
@@ -551,6 +553,7 @@ class _Link:
         self.views = 0
         self.closing = False
         self._released: deque[int] = deque()
+        self._got: deque[int] = deque()  # received, not yet said
         self._send_lock = threading.Lock()
 
     def poll(self) -> None:
@@ -596,31 +599,36 @@ class _Link:
                 return False
 
     def got(self, serial: int) -> None:
-        self.send_released(serial)
+        # Said with the next release (one packet a frame), or once GOT_BATCH have piled up.
+        self._got.append(serial)
+        if len(self._got) >= GOT_BATCH:
+            self.send_released()
 
     def release(self, serial: int) -> None:
         # A finalizer: any thread, any moment. Queue, then send if nobody else is sending.
         self._released.append(serial)
         self.views -= 1
-        self.send_released(0)
+        self.send_released()
         if self.closing and self.views <= 0:
             self._close_now()
 
-    def send_released(self, serial: int) -> None:
+    def send_released(self) -> None:
         if not self._send_lock.acquire(blocking=False):
             return  # the holder sends what we queued after its own send
         try:
             while True:
+                got: list[int] = []
+                while self._got and len(got) < 1000:
+                    got.append(self._got.popleft())
                 rel: list[int] = []
                 while self._released and len(rel) < 1000:
                     rel.append(self._released.popleft())
-                if (serial or rel) and not self.dead:
+                if (got or rel) and not self.dead:
                     try:
-                        self.sock.send(proto.got(serial, rel), socket.MSG_DONTWAIT)
+                        self.sock.send(proto.got(got, rel), socket.MSG_DONTWAIT)
                     except OSError:
                         pass  # gone, or not reading: our holds die with the connection
-                serial = 0
-                if not self._released:
+                if not self._released and not self._got:
                     return
         finally:
             self._send_lock.release()

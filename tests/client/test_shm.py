@@ -81,13 +81,14 @@ def test_small_frames_and_other_values_keep_the_bytes_path(broker: vbus.Bus) -> 
 
 
 def test_a_held_view_is_never_overwritten_while_later_frames_flow(broker: vbus.Bus) -> None:
-    with client(broker, shm_pool_bytes=4 * MIB) as a, client(broker) as b:
+    # 8 MiB: a subscriber may hold half of it, the kept view and the frames on their way
+    with client(broker, shm_pool_bytes=8 * MIB) as a, client(broker) as b:
         sub = b.subscribe("cam")
         pub = a.publisher()
         first = np.arange(MIB // 8, dtype=np.float64)
         pub.publish("cam", first)
         kept = sub.recv(timeout=5).data
-        for n in range(60):  # 60 MiB through a pool of 4 MiB
+        for n in range(60):  # 60 MiB through a pool of 8 MiB
             pub.publish("cam", np.full(MIB // 8, n, dtype=np.float64))
             msg = sub.recv(timeout=5)
             assert (msg.data == n).all()

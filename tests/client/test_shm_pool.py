@@ -91,10 +91,14 @@ def test_views_are_identical_read_only_and_never_overwritten(leakcheck) -> None:
             kept[0] = 1
         for n in range(40):  # 40 frames of 800 kB through a 4 MiB pool
             d = pool.place_frame("cam/a", np.full(200_000, n, dtype=np.int32))
-            if d is not None:
-                assert (res.resolve(memoryview(d)) == n).all()
+            assert d is not None
+            assert (res.resolve(memoryview(d)) == n).all()
             gc.collect()
+            # The release travels to the pool thread: the next frame is held for us once
+            # it is there (else it is over our share of the pool, and lost, counted).
+            assert wait_until(lambda: len(pool.ledger.live) == 1)
         assert (kept == first).all()
+        assert res.lost == 0
     finally:
         del kept
         res.close()

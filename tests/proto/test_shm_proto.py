@@ -119,7 +119,8 @@ def test_first_fit_skips_held_blocks() -> None:
 def test_descriptor_and_packets_round_trip() -> None:
     d = proto.Descriptor("vbus-shm-x", "boot/1", 3, 4096, 100, "<u2", (10, 5))
     assert proto.decode_descriptor(proto.encode_descriptor(d)) == d
-    assert proto.parse_got(proto.got(5, [1, 2])) == (5, (1, 2))
+    assert proto.parse_got(proto.got([5, 6], [1, 2])) == ((5, 6), (1, 2))
+    assert proto.parse_got(proto.got([], [3])) == ((), (3,))
     assert proto.parse_hello(proto.hello(["a/**"])) == ["a/**"]
     with pytest.raises(ValueError):
         proto.Ledger(1000)

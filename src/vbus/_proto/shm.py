@@ -299,7 +299,7 @@ HELLO = 1  # subscriber -> pool: msgpack list of patterns
 WELCOME = 2  # pool -> subscriber: size, first serial; the memfd rides along (SCM_RIGHTS)
 CLAIM = 3  # subscriber -> pool: serial
 CLAIMED = 4  # pool -> subscriber: serial, 1 or 0
-GOT = 5  # subscriber -> pool: serial, then serials released (u64 each)
+GOT = 5  # subscriber -> pool: u32 n, n serials received, then serials released (u64 each)
 UNHELD = 6  # pool -> subscriber: serial not held for it (over its budget)
 OP = struct.Struct("<B")
 SERIAL = struct.Struct("<BQ")
@@ -318,15 +318,23 @@ def parse_hello(packet: bytes) -> list[str]:
     return _PATTERNS.decode(packet[1:])
 
 
-def got(serial: int, released: Iterable[int] = ()) -> bytes:
-    rel = list(released)
-    return SERIAL.pack(GOT, serial) + struct.pack(f"<{len(rel)}Q", *rel)
+_GOT_HEAD = struct.Struct("<BI")
 
 
-def parse_got(packet: bytes) -> tuple[int, tuple[int, ...]]:
-    n = (len(packet) - SERIAL.size) // 8
-    _, serial = SERIAL.unpack_from(packet)
-    return serial, struct.unpack_from(f"<{n}Q", packet, SERIAL.size)
+def got(received: Iterable[int], released: Iterable[int] = ()) -> bytes:
+    """Serials received (in order) and serials released, in one packet: a subscriber sends
+    one packet a frame or fewer (its pool's thread wakes once for each)."""
+    got, rel = list(received), list(released)
+    return _GOT_HEAD.pack(GOT, len(got)) + struct.pack(f"<{len(got) + len(rel)}Q", *got, *rel)
+
+
+def parse_got(packet: bytes) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    _, n = _GOT_HEAD.unpack_from(packet)
+    total = (len(packet) - _GOT_HEAD.size) // 8
+    if n > total:
+        raise ValueError(f"a got packet announcing {n} serials holds {total}")
+    serials = struct.unpack_from(f"<{total}Q", packet, _GOT_HEAD.size)
+    return serials[:n], serials[n:]
 
 
 # -- bytes twins: the same publish, as bytes, for subscribers that cannot map the pool ----------
