@@ -119,6 +119,7 @@ class Pool:
         self.exhausted = 0
         self.twinned = 0
         self._encoder = _wire.new_encoder()
+        self._descrs: dict[Any, Any] = {}  # dtype -> its .npy description (numpy's is slow)
         self._closed = False
         fds: list[Any] = []
         try:
@@ -195,9 +196,13 @@ class Pool:
                 with self._lock:
                     self.ledger.unpin(block)
                 raise
+        descr = self._descrs.get(dtype)
+        if descr is None:
+            descr = np.lib.format.dtype_to_descr(dtype)
+            if len(self._descrs) < 256:
+                self._descrs[dtype] = descr
         descriptor = proto.Descriptor(self.name, self.host, block.serial, block.offset,
-                                      data.nbytes, np.lib.format.dtype_to_descr(dtype),
-                                      data.shape)
+                                      data.nbytes, descr, data.shape)
         with self._lock:
             skipped = self.ledger.publish(block, topic)
             conns = [self._conns.get(cid) for cid in skipped]

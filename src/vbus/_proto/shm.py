@@ -14,9 +14,10 @@ Holds. A block stays unwritten while anyone holds it:
   were dropped on the way (a full queue) and will never arrive;
 - a subscriber that claimed the block (it registered after the publish).
 A block nobody holds is *retired*: its memory may be reused, but until it is, a late claim
-still succeeds (the data is intact). The last QUARANTINE retired blocks keep their memory
+still succeeds (the data is intact): the last QUARANTINE retired blocks keep their memory
 (a subscriber's first frame from a publisher is claimed: it connects to the pool only when
-that first descriptor arrives); older ones, or all of them when room runs out, are free.
+that first descriptor arrives); older ones, or all of them when room runs out, are free and
+no longer claimable.
 Allocation is first-fit from the start of the pool, so a few blocks rotate and stay in the
 CPU's cache (a copy into cold memory runs at DRAM speed: half as fast, measured).
 
@@ -47,8 +48,6 @@ ALIGN = 4096
 """Every block starts on a page: numpy's alignment needs and fast copies both like it."""
 QUARANTINE = 8
 """Retired blocks whose memory is kept from reuse while there is other room."""
-MAX_RETIRED = 256
-"""Retired blocks remembered for late claims at most."""
 PUBLISHER = 0
 """The client id of the publisher's own hold (a block being filled, or an unpublished loan)."""
 
@@ -118,7 +117,7 @@ class Ledger:
         self.client_budget = self.size // 2 if client_budget is None else client_budget
         self.next_serial = 1
         self.live: dict[int, Block] = {}  # held or pinned: never overwritten
-        self.retired: dict[int, Block] = {}  # nobody holds them: claimable until reused
+        self.retired: dict[int, Block] = {}  # in quarantine: nobody holds them, claimable
         self._starts: list[int] = []  # offsets of live blocks, sorted
         self._by_start: dict[int, Block] = {}  # blocks occupying memory: live, quarantined
         self._quarantine: deque[Block] = deque()
@@ -160,12 +159,6 @@ class Ledger:
             return None
         block = Block(self.next_serial, offset, length, nbytes)
         self.next_serial += 1
-        end = offset + length
-        retired = self.retired
-        for serial in [s for s, b in retired.items() if b.offset < end and offset < b.end]:
-            del retired[serial]
-        while len(retired) > MAX_RETIRED:
-            del retired[next(iter(retired))]  # the oldest: claims of it are unlikely
         self.live[block.serial] = block
         bisect.insort(self._starts, offset)
         self._by_start[offset] = block
@@ -285,6 +278,7 @@ class Ledger:
             self._free(self._quarantine.popleft())
 
     def _free(self, block: Block) -> None:
+        self.retired.pop(block.serial, None)  # its memory may be reused: no longer claimable
         i = bisect.bisect_left(self._starts, block.offset)
         del self._starts[i]
         del self._by_start[block.offset]
