@@ -111,6 +111,7 @@ class Pool:
         self.name = f"vbus-shm-{secrets.token_hex(8)}"
         self.host = host_id()
         self._lock = threading.Lock()
+        self._reading = threading.Lock()  # held by whoever reads subscribers' packets
         self._returned: deque[int] = deque()  # loans given back by their finalizers
         self._loans: dict[int, Any] = {}  # serial -> the loan's block, until published/given back
         self._conns: dict[int, socket.socket] = {}
@@ -181,6 +182,7 @@ class Pool:
             return None  # the bytes path names the error
         block = self._take_loan(data)
         if block is None:
+            self._drain()
             with self._lock:
                 self._give_back()
                 block = self.ledger.allocate(data.nbytes)
@@ -254,6 +256,43 @@ class Pool:
             if block is not None:
                 self.ledger.unpin(block)
 
+    def _drain(self) -> None:
+        # The releases subscribers sent, taken here before allocating rather than left for
+        # the pool thread alone: on a busy machine that thread may not have run since, and
+        # every block it has not yet seen given back pushes the copy into colder memory.
+        conns = list(self._conns.values())
+        if not conns or not self._reading.acquire(blocking=False):
+            return  # nobody to hear, or the pool thread is reading: it takes them
+        try:
+            self._drain_locked(conns)
+        finally:
+            self._reading.release()
+
+    def _drain_locked(self, conns: list[socket.socket]) -> None:
+        try:
+            ready, _, _ = select.select(conns, [], [], 0)
+        except (OSError, ValueError):
+            return  # one was closed by the pool thread meanwhile: it does the rest
+        for conn in ready:
+            for _ in range(64):
+                try:
+                    packet = conn.recv(proto.MAX_PACKET, socket.MSG_DONTWAIT)
+                except OSError:
+                    break
+                if not packet:
+                    break  # its end: the pool thread drops it
+                try:
+                    self._handle(conn, conn.fileno(), packet)
+                except (ValueError, struct.error, DecodeError):
+                    self._notify_cut(conn)
+                    break
+
+    def _notify_cut(self, conn: socket.socket) -> None:
+        try:
+            conn.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
     def _notify(self, conn: socket.socket, packet: bytes) -> None:
         try:
             conn.send(packet, socket.MSG_DONTWAIT)
@@ -309,6 +348,12 @@ class Pool:
             sel.register(conn, selectors.EVENT_READ)
 
     def _take(self, sel: selectors.BaseSelector, conn: socket.socket) -> None:
+        # One reader at a time (the publisher's thread drains too): a subscriber's packets
+        # must be handled in the order it sent them.
+        with self._reading:
+            self._take_locked(sel, conn)
+
+    def _take_locked(self, sel: selectors.BaseSelector, conn: socket.socket) -> None:
         cid = conn.fileno()
         while True:
             try:

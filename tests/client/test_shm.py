@@ -200,5 +200,5 @@ def test_sigkill_of_either_side_leaves_nothing_and_the_survivor_healthy(victim: 
                          text=True, timeout=50)
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.strip().endswith("survived"), out.stdout + out.stderr
-    assert dev_shm() == before
+    assert not dev_shm() - before  # nothing new (other programs may remove their own)
     gc.collect()

@@ -48,7 +48,7 @@ def test_views_of_a_publisher_killed_with_sigkill_stay_valid() -> None:
                          timeout=30)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().endswith("survived")
-    assert dev_shm() == before
+    assert not dev_shm() - before  # nothing new (other programs may remove their own)
 
 
 def test_sigkill_of_a_subscriber_releases_its_holds(leakcheck) -> None:  # type: ignore[no-untyped-def]
@@ -76,7 +76,7 @@ def test_sigkill_of_a_subscriber_releases_its_holds(leakcheck) -> None:  # type:
             if f is not None:
                 f.close()
         assert pool.close()
-    assert dev_shm() == before
+    assert not dev_shm() - before  # nothing new (other programs may remove their own)
 
 
 def test_views_are_identical_read_only_and_never_overwritten(leakcheck) -> None:  # type: ignore[no-untyped-def]
