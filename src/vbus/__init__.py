@@ -6,22 +6,22 @@ loop, delivery without sleeps, losses counted, and a shutdown that never hangs.
 
 from ._bus import Bus, BusStats, Handle, connect
 from ._errors import (
+    AddressError,
     Closed,
     ConnectError,
     DecodeError,
     EncodeError,
     NoResponder,
     RemoteError,
+    SecurityError,
     TopicError,
     VbusError,
 )
 from ._message import Message
-from ._proto.endpoints import AddressError
 from ._publisher import AsyncPublisher, Publisher, PublisherStats
 from ._requests import RequestStats, Server
 from ._security import (
     Keypair,
-    SecurityError,
     generate_keypair,
     load_keypair,
     load_public_key,

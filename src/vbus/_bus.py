@@ -13,13 +13,13 @@ touching a socket: every call raises Closed.
 from __future__ import annotations
 
 import atexit
+import builtins
 import concurrent.futures
 import contextlib
 import enum
 import inspect
 import logging
 import os
-import secrets
 import threading
 import weakref
 from collections.abc import Callable, Coroutine, Iterator, Sequence
@@ -27,13 +27,13 @@ from typing import Any, TypeVar, overload
 
 import msgspec
 import zmq
-from zmq.utils.monitor import parse_monitor_message
 
 from . import _requests, _shm
 from ._broker.forwarder import MAX_MESSAGE_SIZE, Broker
 from ._context import ContextKeeper
 from ._errors import Closed, ConnectError, VbusError
 from ._flusher import Flusher
+from ._handshake import connect_publisher, connect_subscriber, probe
 from ._loop import BackgroundLoop
 from ._message import Message
 from ._proto import control as _control
@@ -46,7 +46,6 @@ from ._publisher import (
     AsyncPublisher,
     Publisher,
     PublisherStats,
-    connect_publisher,
     new_outbox,
 )
 from ._requests import RequestStats
@@ -59,10 +58,10 @@ from ._security import (
 )
 from ._subscriber import (
     AsyncSubscriber,
+    BaseSubscriber,
     LossHook,
     Subscriber,
     SubscriberStats,
-    connect_subscriber,
 )
 from ._threads import Deadline, block_signals, build_uninterrupted, join
 from ._waker import Waker
@@ -71,7 +70,7 @@ log = logging.getLogger("vbus")
 
 T = TypeVar("T")
 Callback = Callable[[Message], Any]
-S = TypeVar("S", bound=Subscriber)
+S = TypeVar("S", bound=BaseSubscriber[Any])
 
 DEFAULT_TIMEOUT = 5.0
 BATCH_DELAY = 0.0005
@@ -107,7 +106,7 @@ class Handle:
     """A callback subscription made by ``bus.on()``: ``close()`` stops it. Calling the handle
     calls the callback, so ``@bus.on(...)`` leaves a usable function behind."""
 
-    def __init__(self, callback: Callback, sub: Subscriber) -> None:
+    def __init__(self, callback: Callback, sub: BaseSubscriber[Any]) -> None:
         self.callback = callback
         self._sub = sub
 
@@ -156,7 +155,7 @@ class _Core:
         self.state = _State.OPEN
         self.closer: int | None = None  # the thread inside close()
         self.closed_event = threading.Event()
-        self.children: set[Publisher | Subscriber] = set()
+        self.children: set[Publisher | BaseSubscriber[Any]] = set()
         self.callback_threads: list[threading.Thread] = []
         self.loop: BackgroundLoop | None = None
         self.reporter: Publisher | None = None
@@ -219,7 +218,7 @@ class _Core:
             if self.state is _State.OPEN:
                 self.children.add(child)
                 return child
-        if isinstance(child, Subscriber):
+        if isinstance(child, BaseSubscriber):
             child.close(0)
         else:
             child._close(0.0, 0.0)
@@ -353,11 +352,11 @@ class _Core:
         # 2. publishers (each closes its socket under its lock, or has the thread inside it
         #    do so), then subscribers (each wakes its receiver, which closes its socket)
         with self.lock:
-            children = sorted(self.children, key=lambda c: isinstance(c, Subscriber))
+            children = sorted(self.children, key=lambda c: isinstance(c, BaseSubscriber))
             if self.reporter is not None:
                 children.insert(0, self.reporter)
         for child in children:
-            if isinstance(child, Subscriber):
+            if isinstance(child, BaseSubscriber):
                 child.close(timeout=deadline.share(0.5).remaining() or 0.0)
             elif not child._close(min(LINGER, (deadline.remaining() or 0.0) / 4),
                                   deadline.remaining() or 0.0):
@@ -497,7 +496,7 @@ class Bus:
         core.shm_pool_bytes = pool_bytes  # shm
         core.configure = security.apply if security is not None and owner is None else None
         try:
-            failure = _probe(core.context, endpoints.publish, timeout, core.configure)
+            failure = probe(core.context, endpoints.publish, timeout, core.configure)
             if failure is not None:
                 raise ConnectError(failure.format(address=address, timeout=timeout))
             self = cls.__new__(cls)
@@ -550,6 +549,15 @@ class Bus:
         return pub
 
     # -- subscribing ------------------------------------------------------------------------
+    @overload
+    def subscribe(self, pattern: str, *, type: builtins.type[T], hwm: int | None = None,
+                  on_loss: LossHook | None = None, max_queue_bytes: int | None = None,
+                  shm: bool = True) -> Subscriber[T]: ...
+    @overload
+    def subscribe(self, pattern: str, *, type: Any = None, hwm: int | None = None,
+                  on_loss: LossHook | None = None, max_queue_bytes: int | None = None,
+                  shm: bool = True) -> Subscriber[Any]: ...
+
     def subscribe(
         self,
         pattern: str,
@@ -559,17 +567,29 @@ class Bus:
         on_loss: LossHook | None = None,
         max_queue_bytes: int | None = None,
         shm: bool = True,
-    ) -> Subscriber:
+    ) -> Subscriber[Any]:
         """A sync subscriber, returned once its subscription is active at the broker.
 
-        ``type`` decodes and validates payloads into it; ``hwm`` bounds its queue (messages)
-        and ``max_queue_bytes`` (bytes; default: the bus's) what it may hold queued;
-        ``on_loss(topic, sender, count)`` is called in the receiving thread for every gap.
-        Large numpy frames of publishers on this host arrive as read-only views of their
+        ``type`` decodes and validates payloads into it (and types ``Message.data`` for the
+        checker: ``subscribe(p, type=State)`` gives ``Subscriber[State]``); ``hwm`` bounds its
+        queue (messages) and ``max_queue_bytes`` (bytes; default: the bus's) what it may hold
+        queued; ``on_loss(topic, sender, count)`` is called in the receiving thread for every
+        gap. Large numpy frames of publishers on this host arrive as read-only views of their
         shared memory; ``shm=False`` takes them as bytes instead (see docs/reliability.md).
         """
         return self._core.subscribe(Subscriber, pattern, type, hwm, on_loss, max_queue_bytes,
                                     shm)
+
+    @overload
+    def async_subscribe(self, pattern: str, *, type: builtins.type[T], hwm: int | None = None,
+                        on_loss: LossHook | None = None,
+                        max_queue_bytes: int | None = None,
+                        shm: bool = True) -> AsyncSubscriber[T]: ...
+    @overload
+    def async_subscribe(self, pattern: str, *, type: Any = None, hwm: int | None = None,
+                        on_loss: LossHook | None = None,
+                        max_queue_bytes: int | None = None,
+                        shm: bool = True) -> AsyncSubscriber[Any]: ...
 
     def async_subscribe(
         self,
@@ -580,7 +600,7 @@ class Bus:
         on_loss: LossHook | None = None,
         max_queue_bytes: int | None = None,
         shm: bool = True,
-    ) -> AsyncSubscriber:
+    ) -> AsyncSubscriber[Any]:
         """An asyncio subscriber, returned once its subscription is active at the broker.
         The options are those of ``subscribe``."""
         return self._core.subscribe(AsyncSubscriber, pattern, type, hwm, on_loss,
@@ -680,7 +700,7 @@ class Bus:
         core = self._core
         with core.lock:
             children = list(core.children)
-        subs = tuple(c.stats() for c in children if isinstance(c, Subscriber))
+        subs = tuple(c.stats() for c in children if isinstance(c, BaseSubscriber))
         pubs = tuple(c.stats() for c in children
                      if isinstance(c, Publisher) and c is not core.reporter)
         broker = core.broker
@@ -763,56 +783,6 @@ def _check_options(hwm: int | None, timeout: float, batch_delay: float,
     effective_hwm(hwm, max_queue_bytes)  # validates both
 
 
-_HANDSHAKE_FAILED = (
-    zmq.EVENT_HANDSHAKE_FAILED_AUTH
-    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
-)
-
-
-def _probe(context: zmq.Context[zmq.Socket[bytes]], endpoint: str, timeout: float,
-           configure: Callable[[zmq.Socket[bytes]], None] | None) -> str | None:
-    """None if a broker at ``endpoint`` takes a publisher within ``timeout``, else why not
-    (a template for ConnectError). A monitor tells a refusal from silence."""
-    sock = context.socket(zmq.XPUB)
-    try:
-        sock.linger = 0
-        # The PAIR first, then the monitor it listens to (not get_monitor_socket, which makes
-        # them the other way round and stores the PAIR only at its end): Ctrl-C at any
-        # moment leaves nothing the finally clauses below cannot close. libzmq's own end of
-        # the monitor goes with ``sock``.
-        monitor = context.socket(zmq.PAIR)
-        try:
-            monitor_address = f"inproc://vbus-probe-{secrets.token_hex(8)}"
-            sock.monitor(monitor_address, _HANDSHAKE_FAILED)
-            monitor.connect(monitor_address)
-            if configure is not None:
-                configure(sock)
-            sock.connect(endpoint)
-            poller = zmq.Poller()
-            poller.register(sock, zmq.POLLIN)
-            poller.register(monitor, zmq.POLLIN)
-            deadline = Deadline(timeout)
-            while not deadline.expired():
-                events = dict(poller.poll(int((deadline.remaining() or 0.0) * 1000) + 1))
-                if sock in events and _control.is_acceptance(sock.recv()):
-                    return None
-                if monitor in events:
-                    # A failed handshake is final: ZeroMQ would only fail it again on retry.
-                    event = parse_monitor_message(monitor.recv_multipart())["event"]
-                    if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-                        return ("the broker at {address} refused this client's key "
-                                "(not authorized)")
-                    return ("the security handshake with {address} failed: check this "
-                            "client's keys and the broker's public key (does the broker use "
-                            "CURVE keys, and is it this one?)")
-            return "no vbus broker answered at {address} within {timeout:g} s"
-        finally:
-            monitor.close(0)
-    finally:
-        sock.close(0)
-
-
 def _is_async(callback: Callback) -> bool:
     return inspect.iscoroutinefunction(callback) or inspect.iscoroutinefunction(
         getattr(callback, "__call__", None)  # noqa: B004 - async callable objects
@@ -823,7 +793,7 @@ def _closing(core: _Core) -> bool:
     return core.state is not _State.OPEN
 
 
-async def _run_async_callback(sub: AsyncSubscriber, callback: Callback, core: _Core) -> None:
+async def _run_async_callback(sub: AsyncSubscriber[Any], callback: Callback, core: _Core) -> None:
     try:
         async for msg in sub:
             try:
@@ -837,7 +807,7 @@ async def _run_async_callback(sub: AsyncSubscriber, callback: Callback, core: _C
         sub.close()
 
 
-def _run_sync_callback(sub: Subscriber, callback: Callback, core: _Core) -> None:
+def _run_sync_callback(sub: Subscriber[Any], callback: Callback, core: _Core) -> None:
     block_signals()
     try:
         for msg in sub:

@@ -1,4 +1,8 @@
-"""The one exception tree of vbus. No zmq.ZMQError leaves the public API."""
+"""The one exception tree of vbus: every error class vbus defines, all under VbusError.
+
+No zmq.ZMQError leaves the public API. The public ones are re-exported by ``vbus``; some
+are also importable where they are raised (``_proto.endpoints.AddressError``,
+``_security.SecurityError``, ``_cli.mcap.RecordingError``, ``_cli.common.UserError``)."""
 
 from __future__ import annotations
 
@@ -25,6 +29,22 @@ class DecodeError(VbusError, ValueError):
 
 class ConnectError(VbusError, ConnectionError):
     """No broker answered at the given address in time."""
+
+
+class AddressError(VbusError, ValueError):
+    """An address is malformed, or cannot be bound."""
+
+
+class SecurityError(VbusError, ValueError):
+    """A key or key file is malformed or missing, or security options do not fit together."""
+
+
+class RecordingError(VbusError, ValueError):
+    """A file is not a readable vbus recording; the message names the file and the problem."""
+
+
+class UserError(VbusError):
+    """The command line's: a mistake the user can fix; printed as one line, exit status 1."""
 
 
 class NoResponder(VbusError):

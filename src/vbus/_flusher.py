@@ -11,11 +11,19 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any
+from typing import Protocol
 
 from ._threads import Deadline, block_signals, join
 
 log = logging.getLogger("vbus")
+
+
+class Batching(Protocol):
+    """What the flusher needs of a publisher (``_publisher.Publisher``)."""
+
+    def _flush_due(self) -> float | None:
+        """Send the batches that are due; when the next one is due (wall clock), or None."""
+        ...
 
 
 class Flusher:
@@ -23,11 +31,11 @@ class Flusher:
         self.delay = delay
         self.name = name
         self._cond = threading.Condition()
-        self._due: dict[Any, float] = {}  # publisher -> when its oldest batch is due (wall)
+        self._due: dict[Batching, float] = {}  # publisher -> when its oldest batch is due (wall)
         self._stopped = False
         self.thread: threading.Thread | None = None
 
-    def due(self, publisher: Any, at: float) -> None:
+    def due(self, publisher: Batching, at: float) -> None:
         """A publisher started a batch that is due at ``at`` (wall clock). Called under its
         lock."""
         with self._cond:

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import msgspec
+
+if TYPE_CHECKING:  # for the checker a bare ``Message`` is ``Message[Any]`` (PEP 696 default)
+    from typing_extensions import TypeVar as _TypeVar
+
+    T = _TypeVar("T", default=Any)
+else:
+    T = TypeVar("T")
+"""The type of ``Message.data``: what ``subscribe(..., type=T)`` decodes into (Any without)."""
 
 
 # gc=False: a Message is immutable and made by the subscriber, so it can never be part of a
 # reference cycle; untracked by the garbage collector, it is about a quarter cheaper to make.
-class Message(msgspec.Struct, frozen=True, gc=False):
+class Message(msgspec.Struct, Generic[T], frozen=True, gc=False):
     """One received message. Immutable.
 
     ``sender`` is the publisher's id, ``seq`` counts from 1 per publisher and topic, ``time`` is
@@ -18,7 +26,7 @@ class Message(msgspec.Struct, frozen=True, gc=False):
     """
 
     topic: str
-    data: Any
+    data: T
     sender: str
     seq: int
     time: float

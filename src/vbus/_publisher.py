@@ -2,8 +2,8 @@
 
 A publisher is an XPUB socket connected to the broker's XSUB. The broker subscribes to it, and
 that subscription reaching us is the proof that the broker takes our messages:
-``connect_publisher`` waits for it, so the first message published is never lost to the slow
-joiner. Sends never block (XPUB_NODROP + NOBLOCK): a message that finds the queue to the
+``_handshake.connect_publisher`` waits for it, so the first message published is never lost
+to the slow joiner. Sends never block (XPUB_NODROP + NOBLOCK): a message that finds the queue to the
 broker full is dropped and counted, and its sequence number is spent so subscribers see the gap.
 
 Ownership: the socket is used only under ``_lock``, so whoever holds the lock is the only
@@ -23,14 +23,10 @@ from typing import Any, Protocol
 import msgspec
 import zmq
 
-from ._errors import Closed, ConnectError
-from ._proto import control as _control
+from ._errors import Closed
 from ._proto import wire as _wire
 from ._proto.outbox import Outbox, Send
 from ._proto.topics import topic_prefix, validate_topic
-from ._subscriber import wait_readable
-from ._threads import Deadline
-from ._waker import Waker
 
 _PREFIX_CACHE_LIMIT = 4096
 _DRAIN_EVERY = 256
@@ -55,36 +51,6 @@ class PublisherStats(msgspec.Struct, frozen=True):
     shm_frames: int = 0
     shm_exhausted: int = 0
     shm_twins: int = 0
-
-
-def connect_publisher(
-    context: zmq.Context[zmq.Socket[bytes]],
-    endpoint: str,
-    timeout: float,
-    hwm: int,
-    configure: Callable[[zmq.Socket[bytes]], None] | None = None,
-    closing: Waker | None = None,
-) -> zmq.Socket[bytes]:
-    """An XPUB connected to ``endpoint``, returned once the broker has subscribed to it.
-    ``configure`` sets options (CURVE keys) before it connects; ``closing`` (the bus's)
-    ends the wait with Closed."""
-    sock = context.socket(zmq.XPUB)
-    try:
-        sock.linger = 0
-        sock.sndhwm = hwm
-        sock.setsockopt(zmq.XPUB_NODROP, 1)
-        if configure is not None:
-            configure(sock)
-        sock.connect(endpoint)
-        deadline = Deadline(timeout)
-        while True:
-            if not wait_readable(sock, deadline, closing):
-                raise ConnectError(f"no broker answered at {endpoint} within {timeout:g} s")
-            if _control.is_acceptance(sock.recv()):
-                return sock
-    except BaseException:
-        sock.close(0)
-        raise
 
 
 class Publisher:

@@ -11,12 +11,14 @@ request under a fresh id and sends it from its own thread; the agent hands the r
 taken for another request's. A sync handler runs on a thread of its own, an async one in a
 task on the bus's loop; each server handles one request at a time, in arrival order (a device
 command must not run twice at once): several servers of a topic share its load. Frames and
-routing: _broker/requests.py.
+routing: _proto/requests.py and _broker/requests.py.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import inspect
 import logging
 import os
@@ -26,24 +28,25 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable
-from typing import Any, NamedTuple, TypeVar
+from collections.abc import Callable, Coroutine
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 import msgspec
 import zmq
 
-from ._broker import requests as proto
 from ._errors import Closed, ConnectError, DecodeError, EncodeError, NoResponder, RemoteError
 from ._message import Message
 from ._proto import control as _control
+from ._proto import requests as proto
 from ._proto import wire as _wire
+from ._proto.endpoints import Endpoints
 from ._proto.seq import BurstLog
 from ._proto.topics import compile_pattern, validate_topic
-from ._threads import Deadline, block_signals, join
+from ._threads import DEFAULT_TIMEOUT, Deadline, block_signals, current_in, is_current, join
+from ._waker import Waker
 
 log = logging.getLogger("vbus.requests")
 
-DEFAULT_TIMEOUT = 5.0
 _DRAIN_EVERY = 64
 _DRAIN_BATCH = 1000
 _REPLY_LINGER = 0.25
@@ -51,6 +54,7 @@ MAX_QUEUED = 10_000
 """Requests one server may have waiting; more are answered NoResponder ("busy") at once."""
 Handler = Callable[[Message], Any]
 H = TypeVar("H", bound=Handler)
+T = TypeVar("T")
 
 
 class RequestStats(msgspec.Struct, frozen=True):
@@ -75,22 +79,52 @@ class RequestStats(msgspec.Struct, frozen=True):
 
 
 # -- the one seam with the Bus's internals -----------------------------------------------------
+class CoreLike(Protocol):
+    """What request/reply needs of a bus's core (``_bus._Core``): what to connect with, and
+    the readiness handshake that close() wakes. Also the key of the bus's agent."""
+
+    @property
+    def context(self) -> zmq.Context[zmq.Socket[bytes]]: ...
+    @property
+    def endpoints(self) -> Endpoints | None: ...
+    @property
+    def timeout(self) -> float: ...
+    @property
+    def hwm(self) -> int | None: ...
+    @property
+    def max_queue_bytes(self) -> int | None: ...
+    @property
+    def configure(self) -> Callable[[zmq.Socket[bytes]], None] | None: ...
+    def handshake(self) -> contextlib.AbstractContextManager[Waker]: ...
+
+
+class BusLike(Protocol):
+    """What request/reply needs of the Bus that calls it (``_bus.Bus``)."""
+
+    @property
+    def _core(self) -> CoreLike: ...
+    @property
+    def closed(self) -> bool: ...
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]: ...
+
+
 class _Link(NamedTuple):
     pub: zmq.Socket[bytes]
     sub: zmq.Socket[bytes]
     timeout: float
 
 
-def _connect(bus: Any, agent_id: str) -> _Link:
+def _connect(bus: BusLike, agent_id: str) -> _Link:
     """An XPUB the broker accepts and a SUB whose reply subscription the broker confirmed,
     through the bus's own context, endpoints and security. The only place that reaches into
     the Bus (its core): rewire it here if the Bus changes."""
+    from ._handshake import connect_publisher, connect_subscriber
     from ._proto.limits import DEFAULT_MAX_QUEUE_BYTES, effective_hwm
-    from ._publisher import connect_publisher
-    from ._subscriber import connect_subscriber
 
     core = bus._core
     context, endpoints, timeout = core.context, core.endpoints, core.timeout
+    if endpoints is None:
+        raise Closed("the bus is closed")  # a core is given its endpoints before it is used
     hwm = effective_hwm(core.hwm, core.max_queue_bytes)
     with core.handshake() as closing:
         pub = connect_publisher(context, endpoints.publish, timeout, hwm, core.configure,
@@ -108,7 +142,7 @@ def _connect(bus: Any, agent_id: str) -> _Link:
 
 
 # -- public functions (the Bus's methods) ------------------------------------------------------
-def serve(bus: Any, topic: str, handler: Handler | None = None) -> Any:
+def serve(bus: BusLike, topic: str, handler: Handler | None = None) -> Any:
     """Serve ``topic``: ``handler(msg)``'s return value is the reply. Without ``handler``, a
     decorator. Returns (the decorator returns) a ``Server`` handle, once the broker routes
     the topic's requests to it; ``close()`` stops serving."""
@@ -122,7 +156,7 @@ def serve(bus: Any, topic: str, handler: Handler | None = None) -> Any:
     return _serve(bus, topic, handler)
 
 
-def request(bus: Any, topic: str, data: Any, timeout: float = DEFAULT_TIMEOUT) -> Message:
+def request(bus: BusLike, topic: str, data: Any, timeout: float = DEFAULT_TIMEOUT) -> Message:
     """Send ``data`` to one server of ``topic`` and return its reply (a Message whose
     ``sender`` is the server's id). NoResponder at once when nobody serves the topic,
     TimeoutError after ``timeout`` s, RemoteError when the handler raised, Closed when the
@@ -141,7 +175,7 @@ def request(bus: Any, topic: str, data: Any, timeout: float = DEFAULT_TIMEOUT) -
     return pending.outcome_now()
 
 
-async def async_request(bus: Any, topic: str, data: Any,
+async def async_request(bus: BusLike, topic: str, data: Any,
                         timeout: float = DEFAULT_TIMEOUT) -> Message:
     """The asyncio twin of ``request``: awaits the reply without blocking the loop."""
     prefix = _request_prefix(topic)
@@ -165,22 +199,21 @@ async def async_request(bus: Any, topic: str, data: Any,
     return pending.outcome_now()
 
 
-def request_stats(bus: Any) -> RequestStats:
+def request_stats(bus: BusLike) -> RequestStats:
     agent = _AGENTS.get(bus._core)
     return agent.stats() if isinstance(agent, _Agent) else RequestStats()
 
 
-def in_own_thread(core: Any) -> bool:
+def in_own_thread(core: CoreLike) -> bool:
     """True in a thread the bus's request/reply part runs (a sync handler's): a close() from
     there must not wait for that thread to end. ``core``: the bus's core."""
     agent = _AGENTS.get(core)
     if not isinstance(agent, _Agent):
         return False
-    current = threading.current_thread()
-    return current is agent._thread or current in agent.workers
+    return is_current(agent._thread) or current_in(list(agent.workers))
 
 
-def close_requests(core: Any, deadline: Deadline) -> list[str]:
+def close_requests(core: CoreLike, deadline: Deadline) -> list[str]:
     """Close the bus's request/reply part: wake requests in flight with Closed, give the
     handlers in flight until ``deadline``, stop the agent. Returns what did not stop in time.
     The Bus calls this first in its shutdown, before its loop and its broker stop."""
@@ -194,7 +227,7 @@ def close_requests(core: Any, deadline: Deadline) -> list[str]:
 
 # -- machinery ---------------------------------------------------------------------------------
 _CLOSED: Any = object()  # the value for a bus closed before it made an agent
-_AGENTS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+_AGENTS: weakref.WeakKeyDictionary[CoreLike, Any] = weakref.WeakKeyDictionary()
 _AGENTS_LOCK = threading.Lock()
 _ENCODER = _wire.new_encoder()  # msgspec encoders may be shared between threads
 
@@ -222,7 +255,7 @@ def _encode(data: Any) -> _wire.Payload:
     return _wire.encode_payload(data, _ENCODER)
 
 
-def _agent(bus: Any) -> _Agent:
+def _agent(bus: BusLike) -> _Agent:
     # Keyed by the bus's core, which never references the Bus: a dropped Bus is collected.
     core = bus._core
     agent = _AGENTS.get(core)
@@ -282,42 +315,10 @@ def _settle(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
-class _Doorbell:
-    """A file descriptor the agent polls: rung from any thread, cleared by the agent."""
-
-    def __init__(self) -> None:
-        if hasattr(os, "eventfd"):
-            fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-            self._read, self._write = fd, fd
-        else:  # pragma: no cover - non-Linux
-            self._read, self._write = os.pipe()
-            os.set_blocking(self._read, False)
-            os.set_blocking(self._write, False)
-
-    def fileno(self) -> int:
-        return self._read
-
-    def ring(self) -> None:
-        try:
-            os.write(self._write, (1).to_bytes(8, "little"))
-        except OSError:
-            pass  # already rung (counter full) or closed
-
-    def clear(self) -> None:
-        try:
-            os.read(self._read, 4096)
-        except OSError:
-            pass
-
-    def close(self) -> None:
-        for fd in {self._read, self._write}:
-            os.close(fd)
-
-
 class _Agent:
     """A bus's request/reply agent (see the module's doc)."""
 
-    def __init__(self, bus: Any) -> None:
+    def __init__(self, bus: BusLike) -> None:
         self.id = secrets.token_hex(8)
         self.sender = bytes.fromhex(self.id)
         self._reply_topic = proto.reply_subscription(self.id).decode()
@@ -346,7 +347,7 @@ class _Agent:
         link = _connect(bus, self.id)
         self._pub, self._sub, self.timeout = link.pub, link.sub, link.timeout
         try:
-            self._bell = _Doorbell()
+            self._bell = Waker()
             self._thread = threading.Thread(target=self._run,
                                             name=f"vbus-requests-{self.id[:8]}")
             self._thread.start()
@@ -435,7 +436,7 @@ class _Agent:
     # -- the agent thread -------------------------------------------------------------------
     def _command(self, kind: str, arg: bytes = b"") -> None:
         self._commands.append((kind, arg))
-        self._bell.ring()
+        self._bell.wake()
 
     def _run(self) -> None:
         block_signals()
@@ -685,7 +686,7 @@ class Server:
     def closed(self) -> bool:
         return self._closed
 
-    def _start(self, bus: Any) -> None:
+    def _start(self, bus: BusLike) -> None:
         if _is_async(self.handler):
             # Not a blocking look-up of the loop: serve() may be called on that very loop.
             self._async = True
@@ -850,7 +851,7 @@ class Server:
         return f"<vbus.Server {self.topic!r} {self.id} {'closed' if self._closed else 'open'}>"
 
 
-def _serve(bus: Any, topic: str, handler: Handler) -> Server:
+def _serve(bus: BusLike, topic: str, handler: Handler) -> Server:
     if not callable(handler):
         raise TypeError(f"handler must be callable, not {handler!r}")
     agent = _agent(bus)

@@ -21,7 +21,7 @@ import zmq
 from zmq.utils.z85 import decode as z85_decode
 from zmq.utils.z85 import encode as z85_encode
 
-from ._errors import VbusError
+from ._errors import SecurityError as SecurityError  # raised here; re-exported
 
 log = logging.getLogger("vbus.security")
 
@@ -30,9 +30,6 @@ ZAP_DOMAIN = "vbus"
 _Z85_KEY = re.compile(r"[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}")
 _KEY_LINE = re.compile(r'^\s*(public|secret)-key\s*=\s*"([^"]*)"\s*$', re.M)
 
-
-class SecurityError(VbusError, ValueError):
-    """A key or key file is malformed or missing, or security options do not fit together."""
 
 
 class Keypair(msgspec.Struct, frozen=True):

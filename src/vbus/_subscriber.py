@@ -1,8 +1,10 @@
 """Subscribers: the socket side. The protocol (parsing, handshake, seam, losses) is the inbox's.
 
-``Subscriber`` moves frames from its SUB socket into its Inbox and hands out Messages.
-``AsyncSubscriber`` differs only in how it waits for the socket (the event loop's reader
-instead of ``zmq.Poller``) and in the spelling of iteration.
+``BaseSubscriber`` moves frames from its SUB socket into its Inbox and hands out Messages; it
+does no waiting. Its two shells are siblings that add only the I/O wait and the spelling:
+``Subscriber`` waits in ``zmq.Poller`` (``recv``, ``for``, ``with``), ``AsyncSubscriber`` in
+the event loop's reader (``await recv``, ``async for``, ``async with``). That is the whole
+sync/async difference; a parity test (tests/client/test_api.py) keeps their methods in step.
 
 Ownership and close, in one place:
 - The SUB socket and the waker fd are used by one receiver at a time (``_claim``); whoever
@@ -26,16 +28,15 @@ import secrets
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol
 
 import msgspec
 import zmq
 
-from ._errors import Closed, ConnectError
-from ._message import Message
+from ._errors import Closed
+from ._message import Message, T
 from ._proto import control as _control
 from ._proto.inbox import Inbox
-from ._proto.topics import Pattern
 from ._threads import Deadline
 from ._waker import Waker
 
@@ -77,7 +78,7 @@ class _State(enum.Enum):
     CLOSED = "closed"  # the socket and the waker are closed
 
 
-def _recv_into(sock: zmq.Socket[bytes], inbox: Inbox) -> bool:
+def recv_into(sock: zmq.Socket[bytes], inbox: Inbox) -> bool:
     """Move one whole ZeroMQ message into the inbox; False when none is queued."""
     try:
         first = sock.recv(zmq.NOBLOCK)
@@ -90,79 +91,9 @@ def _recv_into(sock: zmq.Socket[bytes], inbox: Inbox) -> bool:
     return True
 
 
-def wait_readable(sock: zmq.Socket[bytes], deadline: Deadline, closing: Waker | None) -> bool:
-    """Wait for ``sock`` until ``deadline``; False on timeout. Closed as soon as the bus's
-    ``closing`` waker fires: a handshake is a waiter too, and close() wakes every waiter."""
-    if closing is None:
-        return bool(sock.poll(int((deadline.remaining() or 0.0) * 1000)))
-    poller = zmq.Poller()
-    poller.register(sock, zmq.POLLIN)
-    poller.register(closing.fileno(), zmq.POLLIN)
-    events = dict(poller.poll(int((deadline.remaining() or 0.0) * 1000)))
-    if closing.fileno() in events:
-        raise Closed("the bus was closed")
-    return sock in events
-
-
-def connect_subscriber(
-    context: zmq.Context[zmq.Socket[bytes]],
-    endpoint: str,
-    pattern: Pattern,
-    *,
-    timeout: float,
-    hwm: int,
-    type: Any = None,
-    max_assembly_bytes: int,
-    configure: Callable[[zmq.Socket[bytes]], None] | None = None,
-    closing: Waker | None = None,
-    shm: Any = None,
-) -> tuple[zmq.Socket[bytes], Inbox]:
-    """A SUB socket whose subscription the broker has confirmed active, and its inbox.
-
-    The handshake: subscribe to the pattern's prefixes, then to ``want/<token>\\0<pattern>``
-    (which retained values to replay), then to ``ready/<token>`` last; the broker confirms on
-    the ready token once the XPUB has applied it, and everything subscribed before it is
-    active then (see _proto/control.py for why the byte order works out). Whatever arrived before
-    the confirmation is already in the inbox, in the order the inbox delivers it.
-    """
-    sock = context.socket(zmq.SUB)
-    try:
-        sock.linger = 0
-        sock.rcvhwm = hwm
-        if configure is not None:
-            configure(sock)
-        token = secrets.token_hex(8).encode()
-        ready = _control.READY + token + b"\0"
-        inbox = Inbox(pattern, ready, type, max_assembly_bytes=max_assembly_bytes)
-        inbox.shm = shm  # shm: maps shared-memory frames (an _shm.Resolver), or None
-        for prefix in pattern.prefixes:
-            sock.subscribe(prefix)
-            if shm is not None and shm.twins:  # shm: the bytes twins of those frames too
-                sock.subscribe(_control.TWIN + prefix)
-        want = _control.want_subscription(token, pattern.text)
-        sock.subscribe(want)
-        sock.subscribe(ready)  # last: its confirmation covers everything before it
-        sock.connect(endpoint)
-        deadline = Deadline(timeout)
-        while not inbox.confirmed:
-            if not wait_readable(sock, deadline, closing):
-                raise ConnectError(
-                    f"broker at {endpoint} did not confirm subscription {pattern.text!r} "
-                    f"within {timeout:g} s"
-                )
-            while _recv_into(sock, inbox) and not inbox.confirmed:
-                pass
-        sock.unsubscribe(want)
-        return sock, inbox
-    except BaseException:
-        sock.close(0)
-        if shm is not None:
-            shm.close()
-        raise
-
-
-class Subscriber:
-    """Receives the messages whose topic matches a pattern. ``recv``, iterate, ``close``."""
+class BaseSubscriber(Generic[T]):
+    """What both shells share: the claim on the socket, moving frames into the inbox, losses,
+    close and stats. ``T`` is the type of ``Message.data`` (``subscribe(..., type=T)``)."""
 
     def __init__(
         self,
@@ -220,7 +151,7 @@ class Subscriber:
             if self._state is _State.CLOSING:
                 self._finish_close()
 
-    def _next_queued(self) -> Message | None:
+    def _next_queued(self) -> Message[T] | None:
         """The next message already here, or None; raises Closed once closing. The caller
         holds the claim, so it alone is inside the socket."""
         messages = self._messages
@@ -232,7 +163,7 @@ class Subscriber:
             inbox, sock = self._inbox, self._sock
             moved = 0
             try:
-                while moved < DRAIN_LIMIT and _recv_into(sock, inbox):
+                while moved < DRAIN_LIMIT and recv_into(sock, inbox):
                     moved += 1
             except zmq.ZMQError as exc:  # never expected: nobody closes the socket under us
                 raise Closed(f"subscriber {self._pattern.text!r}: {exc}") from None
@@ -260,46 +191,6 @@ class Subscriber:
     def _callback_failed(self, exc: BaseException) -> None:
         self._callback_errors += 1
         self._inbox.error_log.event(1, f"callback raised {exc!r}", exc_info=exc)
-
-    # -- the sync shell ---------------------------------------------------------------------
-    def recv(self, timeout: float | None = None) -> Message:
-        """The next message. TimeoutError after ``timeout`` s; Closed once closed."""
-        if self._messages and self._state is _State.OPEN:
-            try:
-                return self._messages.popleft()  # the fast path of a flood
-            except IndexError:
-                pass  # another thread took it
-        self._claim()
-        try:
-            deadline = Deadline(timeout)
-            while True:
-                msg = self._next_queued()
-                if msg is not None:
-                    return msg
-                if deadline.expired():
-                    raise TimeoutError(f"no message on {self._pattern.text!r} within {timeout} s")
-                self._wait(deadline)
-        finally:
-            self._release()
-
-    def _wait(self, deadline: Deadline) -> None:
-        remaining = deadline.remaining()
-        self._poller.poll(None if remaining is None else max(int(remaining * 1000), 1))
-
-    def __iter__(self) -> Iterator[Message]:
-        return self
-
-    def __next__(self) -> Message:
-        try:
-            return self.recv()
-        except Closed:
-            raise StopIteration from None
-
-    def __enter__(self) -> Subscriber:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # -- closing ----------------------------------------------------------------------------
     def close(self, timeout: float = 1.0) -> None:
@@ -360,7 +251,50 @@ class Subscriber:
         return f"<{type(self).__name__} {self._pattern.text!r} {self._state.value}>"
 
 
-class AsyncSubscriber(Subscriber):
+class Subscriber(BaseSubscriber[T]):
+    """Receives the messages whose topic matches a pattern. ``recv``, iterate, ``close``."""
+
+    def recv(self, timeout: float | None = None) -> Message[T]:
+        """The next message. TimeoutError after ``timeout`` s; Closed once closed."""
+        if self._messages and self._state is _State.OPEN:
+            try:
+                return self._messages.popleft()  # the fast path of a flood
+            except IndexError:
+                pass  # another thread took it
+        self._claim()
+        try:
+            deadline = Deadline(timeout)
+            while True:
+                msg = self._next_queued()
+                if msg is not None:
+                    return msg
+                if deadline.expired():
+                    raise TimeoutError(f"no message on {self._pattern.text!r} within {timeout} s")
+                self._wait(deadline)
+        finally:
+            self._release()
+
+    def _wait(self, deadline: Deadline) -> None:
+        remaining = deadline.remaining()
+        self._poller.poll(None if remaining is None else max(int(remaining * 1000), 1))
+
+    def __iter__(self) -> Iterator[Message[T]]:
+        return self
+
+    def __next__(self) -> Message[T]:
+        try:
+            return self.recv()
+        except Closed:
+            raise StopIteration from None
+
+    def __enter__(self) -> Subscriber[T]:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncSubscriber(BaseSubscriber[T]):
     """The asyncio twin of Subscriber: ``await recv()``, ``async for``, ``async with``.
 
     Use it from one event loop at a time. ``close()`` is a plain method, callable from any
@@ -371,7 +305,7 @@ class AsyncSubscriber(Subscriber):
     _streak = 0
     _in_zmq = False
 
-    async def recv(self, timeout: float | None = None) -> Message:  # type: ignore[override]
+    async def recv(self, timeout: float | None = None) -> Message[T]:
         """The next message. TimeoutError after ``timeout`` s; Closed once closed."""
         self._claim()
         try:
@@ -441,22 +375,16 @@ class AsyncSubscriber(Subscriber):
         self._disarm()
         self._finish_close()
 
-    def __iter__(self) -> Iterator[Message]:
-        raise TypeError("AsyncSubscriber: use 'async for', not 'for'")
-
-    def __enter__(self) -> Subscriber:
-        raise TypeError("AsyncSubscriber: use 'async with', not 'with'")
-
-    def __aiter__(self) -> AsyncIterator[Message]:
+    def __aiter__(self) -> AsyncIterator[Message[T]]:
         return self
 
-    async def __anext__(self) -> Message:
+    async def __anext__(self) -> Message[T]:
         try:
             return await self.recv()
         except Closed:
             raise StopAsyncIteration from None
 
-    async def __aenter__(self) -> AsyncSubscriber:
+    async def __aenter__(self) -> AsyncSubscriber[T]:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -1,14 +1,18 @@
-"""Small thread helpers: a started() handshake and deadline arithmetic."""
+"""Small thread helpers: a started() handshake, deadline arithmetic, and the one join."""
 
 from __future__ import annotations
 
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
+
+DEFAULT_TIMEOUT = 5.0
+"""Seconds a call that waits on the bus (connect(), request(), the command line's
+--timeout) waits when not told."""
 
 
 class Deadline:
@@ -176,12 +180,21 @@ def _forget_unlaunched(thread: threading.Thread) -> None:
 
 
 def is_current(thread: threading.Thread | None) -> bool:
-    return thread is not None and thread is threading.current_thread()
+    """True if ``thread`` is the calling thread. Compared by ident, not with current_thread():
+    called from a thread that threading did not start (a QThread, a C library's), that would
+    register a dummy Thread for good."""
+    return thread is not None and thread.ident == threading.get_ident() and thread.is_alive()
+
+
+def current_in(threads: Iterable[threading.Thread]) -> bool:
+    """True if the calling thread is one of ``threads`` (by ident, like ``is_current``)."""
+    return any(is_current(t) for t in threads)
 
 
 def join(thread: threading.Thread | None, deadline: Deadline) -> bool:
-    """Join ``thread``; True if it has ended, or is the caller (which cannot join itself and
-    ends when it returns)."""
+    """Join ``thread`` until ``deadline``; True once it has ended, was never started, or is the
+    caller (which cannot join itself and ends when it returns). Safe from any thread,
+    a QThread included (see ``is_current``)."""
     if thread is None or thread.ident is None or is_current(thread):
         return True
     thread.join(deadline.remaining())

@@ -27,7 +27,7 @@ from ._bus import Bus, connect
 from ._proto.topics import validate_topic
 from ._publisher import Publisher
 from ._security import Keypair
-from ._threads import Deadline
+from ._threads import Deadline, join
 
 __all__ = ["DocumentPublisher", "RemoteDispatcher"]
 
@@ -203,11 +203,9 @@ class RemoteDispatcher:
             self._stopped = True
             thread = self._thread
         self._sub.close(timeout=deadline.remaining() or 0.0)
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(deadline.remaining())
-            if thread.is_alive():
-                log.warning("RemoteDispatcher %r: a callback did not return within %g s; "
-                            "leaving its thread", self._prefix, timeout)
+        if not join(thread, deadline):
+            log.warning("RemoteDispatcher %r: a callback did not return within %g s; "
+                        "leaving its thread", self._prefix, timeout)
         if self._owns_bus:
             self._bus.close(timeout=deadline.remaining() or 0.0)
 

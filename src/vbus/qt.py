@@ -25,8 +25,6 @@ See docs/qt.md.
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import sys
 import threading
 import time
@@ -45,7 +43,8 @@ from ._proto.seq import BurstLog
 from ._proto.topics import validate_topic
 from ._publisher import AsyncPublisher, Publisher
 from ._subscriber import Subscriber
-from ._threads import Deadline
+from ._threads import Deadline, join
+from ._waker import Waker
 
 __all__ = ["QtSubscriber", "QtSubscriberStats", "forward"]
 
@@ -78,14 +77,6 @@ class _Watch(QObject):
     @Slot()
     def stop(self) -> None:
         self._relay.stop(STOP_TIMEOUT)
-
-
-def _join(thread: threading.Thread, deadline: Deadline) -> bool:
-    """Join unless it is the calling thread or never started; True once it has ended.
-    (Not current_thread(): in a QThread that would register a dummy Thread for good.)"""
-    if thread.ident is not None and thread.ident != threading.get_ident():
-        thread.join(deadline.remaining())
-    return not thread.is_alive()
 
 
 def _binding_defect() -> str | None:
@@ -143,48 +134,6 @@ class QtSubscriberStats(msgspec.Struct, frozen=True):
     gui_seconds: float
 
 
-class _Wake:
-    """A descriptor the worker makes readable and the GUI thread resets. Level-triggered."""
-
-    def __init__(self) -> None:
-        self._sockets: tuple[socket.socket, socket.socket] | None = None
-        if hasattr(os, "eventfd"):
-            self._read = self._write = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        else:  # pragma: no cover - QSocketNotifier needs a socket on Windows
-            a, b = socket.socketpair()
-            a.setblocking(False)
-            b.setblocking(False)
-            self._sockets = (a, b)
-            self._read, self._write = a.fileno(), b.fileno()
-
-    def fileno(self) -> int:
-        return self._read
-
-    def set(self) -> None:
-        if self._sockets is None:
-            os.eventfd_write(self._write, 1)
-        else:  # pragma: no cover
-            self._sockets[1].send(b"\1")
-
-    def clear(self) -> None:
-        try:
-            if self._sockets is None:
-                os.eventfd_read(self._read)
-            else:  # pragma: no cover
-                self._sockets[0].recv(4096)
-        except BlockingIOError:
-            pass
-
-    def close(self) -> None:
-        if self._sockets is None:
-            if self._read >= 0:
-                os.close(self._read)
-        else:  # pragma: no cover
-            for s in self._sockets:
-                s.close()
-        self._read = self._write = -1
-
-
 class _Relay:
     """What the worker thread and the GUI thread share. Holds no reference to the QObject,
     so the QObject's ordinary ownership (parent, Python references) decides its life."""
@@ -212,7 +161,7 @@ class _Relay:
         self.watch: _Watch | None = None
         self.watching_quit = False
         self.loss_log = BurstLog(log, f"QtSubscriber {self.pattern!r}: the GUI is behind")
-        self.wake = _Wake()
+        self.wake = Waker()
         # daemon=False given: else Thread() asks current_thread(), which leaves a dummy Thread
         # behind in a QThread
         self.thread = threading.Thread(
@@ -254,7 +203,7 @@ class _Relay:
         # Caller holds self.lock.
         if not self.signalled:
             self.signalled = True
-            self.wake.set()
+            self.wake.wake()
 
     # -- the QObject's thread ---------------------------------------------------------------
     def _settle(self) -> None:
@@ -296,7 +245,7 @@ class _Relay:
         if self.released:
             return
         self.closing = True
-        if not _join(self.thread, deadline):
+        if not join(self.thread, deadline):
             log.warning(
                 "QtSubscriber %r: thread %s did not end in time; leaving it",
                 self.pattern, self.thread.name,

@@ -231,7 +231,11 @@ def test_stop_from_another_thread_ends_a_blocking_start(leakcheck: Any) -> None:
         ready = threading.Event()
         dispatcher.subscribe(lambda name, doc: ready.set())
         DocumentPublisher(bus, prefix="RE2")("start", {"uid": "a"})
-        stopper = threading.Thread(target=lambda: (ready.wait(10), dispatcher.stop()))
+        def stop_when_ready() -> None:
+            ready.wait(10)
+            dispatcher.stop()
+
+        stopper = threading.Thread(target=stop_when_ready)
         stopper.start()
         started = time.monotonic()
         dispatcher.start()

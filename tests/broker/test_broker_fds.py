@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests._support import LeakCheck
 
 import vbus
+from tests._support import LeakCheck
 from vbus._security import write_keypair
 
 LIMIT = 1024

@@ -22,9 +22,9 @@ from typing import Any
 
 import pytest
 import zmq
-from tests._support import LeakCheck
 
 import vbus
+from tests._support import LeakCheck
 from vbus._proto.endpoints import parse_address
 
 FLOOD = 200_000

@@ -17,10 +17,11 @@ from dataclasses import dataclass
 
 import pytest
 import zmq
-from tests._support import LeakCheck
 
 import vbus
+from tests._support import LeakCheck
 from vbus._proto import control as _control
+from vbus._proto import stats as _stats
 from vbus._proto import wire as _wire
 from vbus._proto.endpoints import parse_address
 
@@ -80,7 +81,7 @@ def test_forged_control_frames_change_nothing(setup: Setup) -> None:
         for sock in (spy, attacker, rogue):
             sock.linger = 0
             setup.secure(sock)
-        for prefix in (_control.READY, b"stage/x\0", _control.STATS_TOPIC.encode() + b"\0"):
+        for prefix in (_control.READY, b"stage/x\0", _stats.STATS_TOPIC.encode() + b"\0"):
             spy.subscribe(prefix)
         spy.connect(endpoints.subscribe)
         attacker.connect(endpoints.publish)
@@ -107,8 +108,9 @@ def test_forged_control_frames_change_nothing(setup: Setup) -> None:
             [_control.control_frame(ready, ATTACKER, _wire.FLAG_REPLAY),
              _frame(b"stage/x", real, 2**64 - 1)],
             [_control.control_frame(ready, ATTACKER)],  # a confirmation out of the blue
-            [_control.control_frame(_control.STATS_TOPIC.encode(), ATTACKER,
-                                    payload=_control.stats_payload({"subscribers": 999}))],
+            [_control.control_frame(
+                _stats.STATS_TOPIC.encode(), ATTACKER,
+                payload=_stats.stats_payload(_stats.BrokerStats("forged", 0.0, subscribers=999)))],
             [_control.want_subscription(token, "**")],
             [_control.READY + b"\0garbage"],
             [b"\xff"], [b"\xfe"], [b"\xfd"],

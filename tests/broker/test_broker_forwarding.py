@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import secrets
 import statistics
 import subprocess
 import sys
@@ -22,6 +21,8 @@ from pathlib import Path
 
 import pytest
 import zmq
+
+from tests._support import ready_subscriber
 
 RAW = textwrap.dedent(
     """
@@ -80,32 +81,6 @@ class BrokerChild:
             self.proc.wait(timeout=5.0)
         assert self.proc.stdout is not None
         self.proc.stdout.close()
-
-
-def ready_subscriber(ctx: zmq.Context[zmq.Socket[bytes]], address: str, topic: bytes,
-                     raw_publisher: zmq.Socket[bytes] | None = None,
-                     rcvhwm: int = 0) -> zmq.Socket[bytes]:
-    """A raw SUB of ``topic`` whose subscription is active: a vbus broker confirms a ready
-    token subscribed after it; a raw proxy forwards it to ``raw_publisher``."""
-    host, port = address[len("tcp://"):].rsplit(":", 1)
-    sub = ctx.socket(zmq.SUB)
-    sub.linger = 0
-    sub.rcvhwm = rcvhwm
-    sub.subscribe(topic)
-    token = b"\xffvbus/ready/" + secrets.token_hex(8).encode() + b"\0"
-    if raw_publisher is None:
-        sub.subscribe(token)
-    sub.connect(f"tcp://{host}:{int(port) + 1}")
-    deadline = time.monotonic() + 5.0
-    sock = sub if raw_publisher is None else raw_publisher
-    while True:
-        assert sock.poll(max(int((deadline - time.monotonic()) * 1000), 1)), "no subscription"
-        got = sock.recv()
-        if got.startswith(token) or got == b"\x01" + topic:
-            break
-    if raw_publisher is None:
-        sub.unsubscribe(token)
-    return sub
 
 
 SENDER = textwrap.dedent(

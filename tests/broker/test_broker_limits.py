@@ -14,9 +14,8 @@ import tempfile
 
 import pytest
 import zmq
-from tests._support import LeakCheck
-from tests.broker.test_broker_forwarding import ready_subscriber
 
+from tests._support import LeakCheck, ready_subscriber
 from vbus._proto import limits as _limits
 
 FRAME = 16 << 20

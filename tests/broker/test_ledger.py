@@ -14,7 +14,8 @@ from vbus._broker import ledger as _ledger
 from vbus._broker.ledger import Ledger, RetainedStore
 from vbus._proto import control as _control
 from vbus._proto import wire as _wire
-from vbus._proto.control import REPORT_DECODER, Report, parse_want, stats_payload, want_subscription
+from vbus._proto.control import REPORT_DECODER, Report, parse_want, want_subscription
+from vbus._proto.stats import BrokerStats, ForwarderStats, TopicStats, stats_payload
 from vbus._proto.topics import compile_pattern, topic_prefix
 
 ENC = _wire.new_encoder()
@@ -145,7 +146,15 @@ def sub_report(received: int, dropped: int) -> Report:
     return Report("subscriber", received=received, dropped=dropped)
 
 
-FORWARDER = {"messages_in": 5, "bytes_in": 50, "messages_out": 5, "bytes_out": 50}
+FORWARDER = ForwarderStats(messages_in=5, bytes_in=50, messages_out=6, bytes_out=60)
+NO_FORWARDER = ForwarderStats()
+
+
+def snapshot(ledger: Ledger, now: float, forwarder: ForwarderStats = NO_FORWARDER,
+             subscribers: int = 0) -> dict[str, Any]:
+    """The ledger's snapshot as the plain data a subscriber of ``$vbus/stats`` decodes."""
+    data: dict[str, Any] = msgspec.to_builtins(ledger.snapshot(now, forwarder, subscribers))
+    return data
 
 
 def test_snapshot_totals() -> None:
@@ -153,27 +162,24 @@ def test_snapshot_totals() -> None:
     ledger.take(sender(1), pub_report({"x": (10, 100), "y": (1, 13)}, dropped=2))
     ledger.take(sender(2), pub_report({"x": (5, 60)}, dropped=1))
     ledger.take(sender(3), sub_report(received=12, dropped=4))
-    snap = ledger.snapshot(110.0, dict(FORWARDER), subscribers=7)
-    assert snap == {
-        "broker": "a1b2c3d4",
-        "time": 110.0,
-        "uptime": 10.0,
-        **FORWARDER,
-        "subscribers": 7,
-        "publishers": 2,
-        "dropped": 2 + 1 + 4,
-        "topics": {
-            "x": {"messages": 15, "bytes": 160, "message_rate": 0.0, "byte_rate": 0.0},
-            "y": {"messages": 1, "bytes": 13, "message_rate": 0.0, "byte_rate": 0.0},
-        },
-        "topics_total": 2,
-    }
-    assert list(snap["topics"]) == ["x", "y"]
+    snap = ledger.snapshot(110.0, FORWARDER, subscribers=7)
+    assert snap == BrokerStats(
+        broker="a1b2c3d4",
+        time=110.0,
+        uptime=10.0,
+        messages_in=5, bytes_in=50, messages_out=6, bytes_out=60,
+        subscribers=7,
+        publishers=2,
+        dropped=2 + 1 + 4,
+        topics={"x": TopicStats(15, 160, 0.0, 0.0), "y": TopicStats(1, 13, 0.0, 0.0)},
+        topics_total=2,
+    )
+    assert list(snap.topics) == ["x", "y"]
 
 
 def test_snapshot_without_forwarder_counts() -> None:
-    snap = Ledger("b", 0.0).snapshot(1.0, {}, 0)
-    assert "messages_in" not in snap
+    snap = snapshot(Ledger("b", 0.0), 1.0)
+    assert snap["messages_in"] == snap["bytes_out"] == 0
     assert snap["topics"] == {} and snap["publishers"] == 0 and snap["dropped"] == 0
 
 
@@ -181,22 +187,22 @@ def test_a_later_report_replaces_the_earlier_one() -> None:
     ledger = Ledger("b", 0.0)
     ledger.take(sender(1), pub_report({"x": (10, 100)}))
     ledger.take(sender(1), pub_report({"x": (12, 130)}))
-    assert ledger.snapshot(1.0, {}, 0)["topics"]["x"]["messages"] == 12
+    assert snapshot(ledger, 1.0)["topics"]["x"]["messages"] == 12
 
 
 def test_rates_from_two_snapshots() -> None:
     ledger = Ledger("b", 0.0)
     ledger.take(sender(1), pub_report({"x": (10, 100)}))
-    first = ledger.snapshot(1000.0, {}, 0)
+    first = snapshot(ledger, 1000.0)
     assert first["topics"]["x"]["message_rate"] == 0.0
     ledger.take(sender(1), pub_report({"x": (30, 400)}))
     ledger.take(sender(2), pub_report({"y": (7, 70)}))
-    second = ledger.snapshot(1002.0, {}, 0)
+    second = snapshot(ledger, 1002.0)
     assert second["topics"]["x"] == {
         "messages": 30, "bytes": 400, "message_rate": 10.0, "byte_rate": 150.0
     }
     assert second["topics"]["y"]["message_rate"] == 0.0  # new this time: no rate yet
-    third = ledger.snapshot(1002.5, {}, 0)
+    third = snapshot(ledger, 1002.5)
     assert third["topics"]["x"]["message_rate"] == 0.0
     assert third["topics"]["y"]["byte_rate"] == 0.0
 
@@ -205,9 +211,9 @@ def test_rates_from_two_snapshots() -> None:
 def test_rate_is_the_difference_over_the_interval(m1: int, dm: int, dt: float) -> None:
     ledger = Ledger("b", 0.0)
     ledger.take(sender(1), pub_report({"x": (m1, m1)}))
-    ledger.snapshot(50.0, {}, 0)
+    snapshot(ledger, 50.0)
     ledger.take(sender(1), pub_report({"x": (m1 + dm, m1)}))
-    topic = ledger.snapshot(50.0 + dt, {}, 0)["topics"]["x"]
+    topic = snapshot(ledger, 50.0 + dt)["topics"]["x"]
     assert topic["message_rate"] == pytest.approx(dm / dt)
     assert topic["byte_rate"] == 0.0
 
@@ -216,21 +222,21 @@ def test_closed_publishers_count_in_totals_not_in_publishers() -> None:
     ledger = Ledger("b", 0.0)
     ledger.take(sender(1), pub_report({"x": (3, 39)}))
     ledger.take(sender(2), pub_report({"x": (4, 52)}))
-    assert ledger.snapshot(1.0, {}, 0)["publishers"] == 2
+    assert snapshot(ledger, 1.0)["publishers"] == 2
     ledger.take(sender(2), pub_report({"x": (5, 65)}, dropped=1, closed=True))
-    snap = ledger.snapshot(2.0, {}, 0)
+    snap = snapshot(ledger, 2.0)
     assert snap["publishers"] == 1
     assert snap["topics"]["x"]["messages"] == 8
     assert snap["dropped"] == 1
     ledger.take(sender(1), pub_report({"x": (3, 39)}, closed=True))
-    assert ledger.snapshot(3.0, {}, 0)["publishers"] == 0
+    assert snapshot(ledger, 3.0)["publishers"] == 0
 
 
 def test_subscriber_reports_do_not_make_topics_or_publishers() -> None:
     ledger = Ledger("b", 0.0)
     ledger.take(sender(1), Report("subscriber", topics={"x": (1, 1)}, dropped=3))
     ledger.take(sender(2), Report("something else", dropped=2))  # not "publisher"
-    snap = ledger.snapshot(1.0, {}, 0)
+    snap = snapshot(ledger, 1.0)
     assert snap["topics"] == {} and snap["publishers"] == 0 and snap["dropped"] == 5
 
 
@@ -244,18 +250,18 @@ def huge_ledger() -> Ledger:
 
 
 def test_huge_counts_are_clamped_and_stay_encodable() -> None:
-    snap = huge_ledger().snapshot(1.0, dict(FORWARDER), 1)
+    snap = snapshot(huge_ledger(), 1.0, FORWARDER, 1)
     assert snap["topics"]["x"]["messages"] == MAX_COUNT
     assert snap["topics"]["x"]["bytes"] == MAX_COUNT
     assert snap["dropped"] == MAX_COUNT
-    decoded = STATS_DECODER.decode(stats_payload(snap).inline)
+    decoded = STATS_DECODER.decode(stats_payload(msgspec.convert(snap, BrokerStats)).inline)
     assert decoded == snap
 
 
 def test_clamped_counts_have_no_negative_rate() -> None:
     ledger = huge_ledger()
-    ledger.snapshot(1.0, {}, 0)
-    topic = ledger.snapshot(2.0, {}, 0)["topics"]["x"]
+    snapshot(ledger, 1.0)
+    topic = snapshot(ledger, 2.0)["topics"]["x"]
     assert topic["message_rate"] == 0.0
     assert topic["byte_rate"] == 0.0
 
@@ -267,14 +273,14 @@ def test_reporters_are_capped_per_kind(monkeypatch: pytest.MonkeyPatch) -> None:
         ledger.take(sender(i), pub_report({f"t{i}": (1, 1)}))
         ledger.take(sender(100 + i), sub_report(0, 1))
     ledger.take(sender(1), pub_report({"t1": (2, 2)}))  # an update evicts nobody
-    assert sorted(ledger.snapshot(1.0, {}, 0)["topics"]) == ["t0", "t1", "t2"]
+    assert sorted(snapshot(ledger, 1.0)["topics"]) == ["t0", "t1", "t2"]
     ledger.take(sender(3), pub_report({"t3": (1, 1)}))  # a new one evicts the first seen
-    snap = ledger.snapshot(2.0, {}, 0)
+    snap = snapshot(ledger, 2.0)
     assert sorted(snap["topics"]) == ["t1", "t2", "t3"]
     assert snap["publishers"] == 3
     assert snap["dropped"] == 3  # the subscribers' book is full, not touched
     ledger.take(sender(103), sub_report(0, 10))
-    assert ledger.snapshot(3.0, {}, 0)["dropped"] == 1 + 1 + 10
+    assert snapshot(ledger, 3.0)["dropped"] == 1 + 1 + 10
 
 
 def test_default_reporter_cap() -> None:
@@ -398,12 +404,13 @@ def test_100k_topics_cost_the_ledger_bounded_memory_and_stats_stay_small() -> No
         return ledger
 
     ledger, mib = _traced(build)
-    first = ledger.snapshot(1.0, {}, 0)
+    first = snapshot(ledger, 1.0)
     ledger.take(sender(7), pub_report({f"p7/t{i}": (i + 5, 10 * i) for i in range(1000)}))
     started = time.perf_counter()
-    snap = ledger.snapshot(2.0, {}, 0)
+    struct = ledger.snapshot(2.0, ForwarderStats(), 0)
     took = time.perf_counter() - started
-    size = len(stats_payload(snap).inline)
+    size = len(stats_payload(struct).inline)
+    snap: dict[str, Any] = msgspec.to_builtins(struct)
     print(f"\nledger, {TOPICS} topics: {mib:.1f} MiB; snapshot {took * 1000:.1f} ms, "
           f"$vbus/stats {size / 1024:.0f} KiB listing {len(snap['topics'])} topics")
     assert mib < 64
@@ -419,10 +426,10 @@ def test_topics_past_the_bound_are_refused_and_counted(monkeypatch: pytest.Monke
     monkeypatch.setattr(_ledger, "MAX_TOPICS", 10)
     ledger = Ledger("b", 0.0)
     ledger.take(sender(1), pub_report({f"t{i}": (1, 1) for i in range(15)}))
-    snap = ledger.snapshot(1.0, {}, 0)
+    snap = snapshot(ledger, 1.0)
     assert snap["topics_total"] == 10 and ledger.topics_refused == 5
     ledger.take(sender(1), pub_report({}, closed=True))  # its topics go with its counts
-    assert ledger.snapshot(2.0, {}, 0)["topics_total"] == 0
+    assert snapshot(ledger, 2.0)["topics_total"] == 0
 
 
 @pytest.mark.timeout(120)

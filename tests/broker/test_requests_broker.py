@@ -13,16 +13,15 @@ import time
 from pathlib import Path
 
 import pytest
-from tests._support import LeakCheck
-from tests.brokerproc import BrokerProcess
-from tests.client.test_reconnect import _free_port_pair
 
 import vbus
+from tests._support import LeakCheck, free_port_pair
+from tests.brokerproc import BrokerProcess
 
 
 def _address(transport: str, tmp_path: Path) -> str:
     if transport == "tcp":
-        return f"tcp://127.0.0.1:{_free_port_pair()}"
+        return f"tcp://127.0.0.1:{free_port_pair()}"
     return f"ipc://{tmp_path}/broker"
 
 
@@ -64,7 +63,7 @@ def test_with_curve(leakcheck: LeakCheck) -> None:
 
 def test_in_flight_requests_fail_cleanly_across_a_broker_restart_and_later_ones_work(
         leakcheck: LeakCheck) -> None:
-    address = f"tcp://127.0.0.1:{_free_port_pair()}"
+    address = f"tcp://127.0.0.1:{free_port_pair()}"
     broker = BrokerProcess(address)
     try:
         with vbus.connect(broker.address) as server_bus, vbus.connect(broker.address) as client:

@@ -12,8 +12,8 @@ from typing import Any
 import msgspec
 import numpy as np
 import pytest
-from test_cli_tools import run
 
+from tests._support import run
 from vbus._cli import mcap as _mcap
 from vbus._message import Message
 from vbus._proto import wire as _wire
@@ -106,12 +106,13 @@ def test_the_writers_files_pass_the_mcap_readers_checks(tmp_path: Path) -> None:
     buffer.seek(0)
     reader = make_reader(buffer, validate_crcs=True)
     summary = reader.get_summary()
-    assert summary is not None and summary.statistics.message_count == 801
+    assert summary is not None and summary.statistics is not None
+    assert summary.statistics.message_count == 801
     assert len(summary.chunk_indexes) > 2
     assert sorted(summary.statistics.channel_message_counts.values()) == [1, 400, 400]
     rows = list(reader.iter_messages(log_time_order=True))
     assert len(rows) == 801
-    frames = [json.loads(m.data) for s, _, m in rows if s.name == _mcap.IMAGE]
+    frames = [json.loads(m.data) for s, _, m in rows if s is not None and s.name == _mcap.IMAGE]
     assert [f["vbus"]["seq"] for f in frames] == list(range(1, 401))
     by_topic = list(reader.iter_messages(topics=["fmt/value"]))  # the message indexes
     assert len(by_topic) == 400

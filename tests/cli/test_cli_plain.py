@@ -6,15 +6,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
-from test_cli_tools import ENV, WAIT, Proc, start
 
 import vbus
+from tests._support import ENV, WAIT, Proc
 
 BLOCK = ("import sys\n"
          "for name in ('rich', 'numpy', 'PySide6', 'qtpy'):\n"
@@ -44,20 +42,6 @@ def plain_proc(procs: list[Proc], *args: str) -> Proc:
         t.start()
     procs.append(p)
     return p
-
-
-@pytest.fixture
-def procs() -> Iterator[list[Proc]]:
-    started: list[Proc] = []
-    yield started
-    for p in started:
-        p.kill()
-
-
-@pytest.fixture
-def broker(procs: list[Proc]) -> str:
-    p = start(procs, "broker", "--bind", "tcp://127.0.0.1:0")
-    return p.line("out")
 
 
 def test_the_prelude_really_blocks_them() -> None:

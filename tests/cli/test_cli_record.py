@@ -10,6 +10,7 @@ import json
 import queue
 import re
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -17,10 +18,9 @@ from typing import Any
 import jsonschema
 import msgspec
 import numpy as np
-import pytest
-from test_cli_tools import WAIT, Proc, run, start
 
 import vbus
+from tests._support import WAIT, Proc, run, start, timed_recording
 from vbus._cli import mcap as _mcap
 from vbus._message import Message
 
@@ -46,22 +46,6 @@ EXPECTED_SCHEMAS = {
     "rec/blob": "vbus.Bytes", "rec/small": "vbus.Bytes", "rec/odd": "vbus.Value",
     "rec/burst": "vbus.Value",
 }
-
-
-@pytest.fixture
-def procs() -> Any:
-    started: list[Proc] = []
-    yield started
-    for p in started:
-        p.kill()
-
-
-@pytest.fixture
-def broker(procs: list[Proc]) -> str:
-    p = start(procs, "broker", "--bind", "tcp://127.0.0.1:0")
-    address = p.line("out")
-    assert address.startswith("tcp://127.0.0.1:"), address
-    return address
 
 
 def _key(msg: Message) -> tuple[Any, ...]:
@@ -254,27 +238,12 @@ def test_a_retained_value_is_recorded_as_retained_and_replayed_so(
     assert np.array_equal(again.data, frame) and again.data.dtype == frame.dtype
 
 
-def _timed_recording(path: Path, offsets: list[float]) -> None:
-    """A recording made without vbus record: one message at each offset (seconds)."""
-    with open(path, "wb") as f:
-        writer = _mcap.McapWriter(f, library="test", compress=True)
-        schema = writer.register_schema(_mcap.VALUE, "jsonschema", _mcap.SCHEMAS[_mcap.VALUE])
-        channel = writer.register_channel("timed/x", "json", schema,
-                                          {"vbus.recording_format": "2"})
-        t0 = 1_700_000_000 * 10**9
-        for i, offset in enumerate(offsets):
-            msg = Message("timed/x", i, "72657061796572ab", i + 1, 1.7e9 + offset)
-            _, body, _ = _mcap.encode_message(msg)
-            writer.add_message(channel, t0 + int(offset * 1e9), t0, i + 1, body)
-        writer.finish()
-
-
 def test_replay_keeps_the_recorded_timing_scaled_by_speed(
     leakcheck: Any, procs: list[Proc], broker: str, tmp_path: Path
 ) -> None:
     offsets = [0.0, 0.4, 0.8, 1.2]
     path = tmp_path / "timed.mcap"
-    _timed_recording(path, offsets)
+    timed_recording(path, offsets)
     with vbus.connect(broker, timeout=5.0) as bus:
         sub = bus.subscribe("timed/x")
         replay = start(procs, "replay", str(path), "--to", broker, "--speed", "3")
@@ -297,7 +266,7 @@ def test_replay_topics_and_start_select_what_is_sent(
     leakcheck: Any, procs: list[Proc], broker: str, tmp_path: Path
 ) -> None:
     path = tmp_path / "timed.mcap"
-    _timed_recording(path, [0.0, 0.1, 0.2, 0.3])
+    timed_recording(path, [0.0, 0.1, 0.2, 0.3])
     with vbus.connect(broker, timeout=5.0) as bus:
         sub = bus.subscribe("timed/**")
         done = run("replay", str(path), "--to", broker, "--speed", "0", "--start", "0.15")
@@ -405,7 +374,7 @@ class HeldProc(Proc):
     it blocks on its writes, as behind a slow terminal."""
 
     def __init__(self, *args: str) -> None:
-        self._held = True
+        self._release = threading.Event()
         super().__init__(*args)
 
     def _pump(self, stream: Any, into: Any) -> None:  # type: ignore[override]
@@ -420,9 +389,6 @@ class HeldProc(Proc):
 def test_sub_reports_every_loss_and_its_output_shows_the_same_gaps(
     procs: list[Proc], broker: str
 ) -> None:
-    import threading
-
-    HeldProc._release = threading.Event()  # type: ignore[attr-defined]
     sub = HeldProc("sub", broker, "fl/**", "--json", "--hwm", "20")
     procs.append(sub)
     sub.wait_for(f"subscribed to fl/** at {broker}")
@@ -431,7 +397,7 @@ def test_sub_reports_every_loss_and_its_output_shows_the_same_gaps(
         pub = bus.publisher()
         for _ in range(20_000):
             pub.publish("fl/x", "y" * 5000)  # unbatched: each one a ZeroMQ message
-        sub.release()  # type: ignore[attr-defined]
+        sub.release()
         lines: list[str] = []
         deadline = time.monotonic() + WAIT
         # the marker rides on the same topic: a gap before it is a gap vbus sub can see
@@ -550,7 +516,9 @@ def test_a_killed_recorders_file_is_shown_and_replayed_up_to_where_it_breaks_off
         info = run("info", str(partial))
         assert info.returncode == 0, info.stdout
         assert "unfinished the recorder did not finish" in info.stdout
-        count = int(re.search(r"^messages\s+([\d,]+)$", info.stdout, re.M)[1].replace(",", ""))
+        found = re.search(r"^messages\s+([\d,]+)$", info.stdout, re.M)
+        assert found, info.stdout
+        count = int(found[1].replace(",", ""))
         assert count > 0
         done = run("replay", str(partial), "--to", broker, "--speed", "0")
         assert done.returncode == 0, done.stderr
@@ -563,7 +531,7 @@ def test_replay_loop_plays_again_until_ctrl_c(
     leakcheck: Any, procs: list[Proc], broker: str, tmp_path: Path
 ) -> None:
     path = tmp_path / "loop.mcap"
-    _timed_recording(path, [0.0, 0.01])
+    timed_recording(path, [0.0, 0.01])
     with vbus.connect(broker, timeout=5.0) as bus, bus.subscribe("timed/x") as sub:
         replay = start(procs, "replay", str(path), "--to", broker, "--loop", "--speed", "0")
         got = [sub.recv(timeout=WAIT).data for _ in range(6)]

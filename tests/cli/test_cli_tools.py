@@ -6,13 +6,10 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import signal
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,129 +17,10 @@ import numpy as np
 import pytest
 
 import vbus
-from vbus._cli import extras as _cmd_extras
+from tests._support import ENV, WAIT, Proc, one_error_line, run, start, subscribed
+from vbus._cli import bench as _cmd_bench
+from vbus._cli import demo as _cmd_demo
 from vbus._cli import main as _cli
-
-VBUS = [sys.executable, "-m", "vbus"]
-ENV = {**os.environ, "COLUMNS": "200", "PYTHONUNBUFFERED": "1"}
-WAIT = 20.0  # deadline for anything a subprocess should do promptly
-
-
-def run(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*VBUS, *args], capture_output=True, text=True, timeout=timeout,
-                          env=ENV)
-
-
-class Proc:
-    """A vbus subprocess whose stdout and stderr lines can be awaited with a deadline."""
-
-    def __init__(self, *args: str) -> None:
-        self.popen = subprocess.Popen([*VBUS, *args], stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True, env=ENV)
-        self.out: queue.Queue[str | None] = queue.Queue()
-        self.err: queue.Queue[str | None] = queue.Queue()
-        self.err_lines: list[str] = []
-        self._readers = [
-            threading.Thread(target=self._pump, args=(self.popen.stdout, self.out)),
-            threading.Thread(target=self._pump, args=(self.popen.stderr, self.err)),
-        ]
-        for t in self._readers:
-            t.start()
-
-    @staticmethod
-    def _pump(stream: Any, into: queue.Queue[str | None]) -> None:
-        for line in stream:
-            into.put(line.rstrip("\n"))
-        into.put(None)
-
-    def line(self, stream: str = "out", timeout: float = WAIT) -> str:
-        q = self.out if stream == "out" else self.err
-        try:
-            line = q.get(timeout=timeout)
-        except queue.Empty:
-            raise AssertionError(f"no line on std{stream} within {timeout} s") from None
-        if line is None:
-            q.put(None)
-            raise AssertionError(f"std{stream} closed; stderr: {self.rest('err')}")
-        if stream == "err":
-            self.err_lines.append(line)
-        return line
-
-    def wait_for(self, text: str, stream: str = "err", timeout: float = WAIT) -> str:
-        deadline = time.monotonic() + timeout
-        while True:
-            line = self.line(stream, max(deadline - time.monotonic(), 0.01))
-            if text in line:
-                return line
-
-    def rest(self, stream: str = "out") -> list[str]:
-        """Every line still to come (call once the process has ended or is ending)."""
-        q = self.out if stream == "out" else self.err
-        lines: list[str] = []
-        while True:
-            try:
-                line = q.get(timeout=WAIT)
-            except queue.Empty:
-                raise AssertionError(f"std{stream} did not close within {WAIT} s") from None
-            if line is None:
-                q.put(None)
-                if stream == "err":
-                    self.err_lines.extend(lines)
-                return lines
-            lines.append(line)
-
-    def finish(self, timeout: float = WAIT) -> int:
-        return self.popen.wait(timeout=timeout)
-
-    def kill(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.kill()
-        self.popen.wait(timeout=WAIT)
-        for t in self._readers:
-            t.join(WAIT)
-        for stream in (self.popen.stdout, self.popen.stderr):
-            if stream is not None:
-                stream.close()
-
-
-@pytest.fixture
-def procs() -> Iterator[list[Proc]]:
-    """Every subprocess a test starts; killed (if still running) when the test ends."""
-    started: list[Proc] = []
-    yield started
-    for p in started:
-        p.kill()
-
-
-def start(procs: list[Proc], *args: str) -> Proc:
-    p = Proc(*args)
-    procs.append(p)
-    return p
-
-
-@pytest.fixture
-def broker(procs: list[Proc]) -> str:
-    """A standalone broker subprocess on a free port; its address."""
-    p = start(procs, "broker", "--bind", "tcp://127.0.0.1:0")
-    address = p.line("out")
-    assert address.startswith("tcp://127.0.0.1:"), address
-    return address
-
-
-def subscribed(procs: list[Proc], address: str, pattern: str, *args: str) -> Proc:
-    """``vbus sub``, returned once it says its subscription is active."""
-    p = start(procs, "sub", address, pattern, *args)
-    p.wait_for(f"subscribed to {pattern} at {address}")
-    return p
-
-
-def one_error_line(done: subprocess.CompletedProcess[str], command: str) -> str:
-    assert done.returncode != 0, done
-    assert "Traceback" not in done.stderr, done.stderr
-    lines = done.stderr.splitlines()
-    assert len(lines) == 1, done.stderr
-    assert lines[0].startswith(f"vbus {command}: error: "), lines[0]
-    return lines[0]
 
 
 # -- broker -----------------------------------------------------------------------------------
@@ -368,7 +246,7 @@ def test_usage_errors_and_help_on_every_command() -> None:
 def test_bench_runs_the_suite_of_a_source_checkout(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr(_cmd_extras, "suite_path", lambda: tmp_path / "benchmarks" / "run.py")
+    monkeypatch.setattr(_cmd_bench, "suite_path", lambda: tmp_path / "benchmarks" / "run.py")
     assert _cli.main(["bench"]) == 1
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and "needs a source checkout" in err[0]
@@ -386,8 +264,27 @@ def test_bench_runs_the_suite_of_a_source_checkout(
 
 
 def test_bench_finds_the_suite_next_to_the_package() -> None:
-    assert _cmd_extras.suite_path() == Path(vbus.__file__).resolve().parents[2] / (
+    assert _cmd_bench.suite_path() == Path(vbus.__file__).resolve().parents[2] / (
         "benchmarks/run.py")
+
+
+def test_an_installed_package_finds_the_suite_of_the_clone_it_runs_in(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    installed = tmp_path / "venv" / "lib" / "site-packages" / "vbus" / "__init__.py"
+    monkeypatch.setattr(vbus, "__file__", str(installed))
+    clone = tmp_path / "clone"
+    monkeypatch.chdir(tmp_path)  # not a clone: the message says what is missing
+    assert _cli.main(["bench"]) == 1
+    [line] = capsys.readouterr().err.splitlines()
+    assert "not installed with the package" in line and "needs a source checkout" in line
+    (clone / "src" / "vbus").mkdir(parents=True)
+    (clone / "benchmarks").mkdir()
+    (clone / "benchmarks" / "run.py").write_text("def main(argv):\n    print('clone suite')\n")
+    monkeypatch.chdir(clone)
+    assert _cmd_bench.suite_path() == clone / "benchmarks" / "run.py"
+    assert _cli.main(["bench"]) == 0
+    assert "clone suite" in capsys.readouterr().out
 
 
 def test_demo_gui_without_pyside6_names_the_qt_extra() -> None:
@@ -411,7 +308,7 @@ def test_demo_gui_that_cannot_load_is_one_line(
     def fail(name: str) -> None:
         raise error
 
-    monkeypatch.setattr(_cmd_extras, "_import", fail)
+    monkeypatch.setattr(_cmd_demo, "_import", fail)
     assert _cli.main(["demo", "--gui"]) == 1
     [line] = capsys.readouterr().err.splitlines()
     assert line.startswith("vbus demo: error: ") and expected in line

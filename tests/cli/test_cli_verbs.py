@@ -8,30 +8,12 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from test_cli_record import _timed_recording
-from test_cli_tools import ENV, VBUS, WAIT, Proc, one_error_line, run, start
 
 import vbus
-
-
-@pytest.fixture
-def procs() -> Iterator[list[Proc]]:
-    started: list[Proc] = []
-    yield started
-    for p in started:
-        p.kill()
-
-
-@pytest.fixture
-def broker(procs: list[Proc]) -> str:
-    p = start(procs, "broker", "--bind", "tcp://127.0.0.1:0")
-    address = p.line("out")
-    assert address.startswith("tcp://127.0.0.1:"), address
-    return address
+from tests._support import ENV, VBUS, WAIT, Proc, one_error_line, run, start, timed_recording
 
 
 def run_env(*args: str, env: dict[str, str], stdin: str | None = None,
@@ -67,7 +49,7 @@ def test_address_defaults_to_vbus_address_and_host_port_means_tcp(
     rec = run_env("record", "dflt/*", "-o", str(path), "--duration", "0.2", "--quiet", env=env)
     assert rec.returncode == 0 and path.exists(), rec.stderr
     timed = tmp_path / "timed.mcap"
-    _timed_recording(timed, [0.0])
+    timed_recording(timed, [0.0])
     replay = run_env("replay", str(timed), "--speed", "0", env=env)  # no --to
     assert replay.returncode == 0 and f"to {broker}" in replay.stderr, replay.stderr
     # without $VBUS_ADDRESS: tcp://127.0.0.1:5555, named in what it says
@@ -112,8 +94,8 @@ def test_pub_refuses_nan_and_reads_values_from_stdin(leakcheck: Any, broker: str
         assert "published 3 message(s)" in done.stderr
         got = [sub.recv(timeout=WAIT) for _ in range(3)]
     assert [(m.data, m.seq) for m in got] == [(1, 1), ("two", 2), ({"k": [3]}, 3)]
-    bad = run_env("pub", broker, "in/x", "-", env=ENV, stdin="1\nnope\n")
-    line = one_error_line(bad, "pub")
+    refused = run_env("pub", broker, "in/x", "-", env=ENV, stdin="1\nnope\n")
+    line = one_error_line(refused, "pub")
     assert "stdin line 2" in line and "not valid JSON" in line
 
 

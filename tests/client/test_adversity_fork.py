@@ -10,6 +10,7 @@ each forked child with a deadline (pidfd).
 from __future__ import annotations
 
 import pytest
+
 from tests.childproc import run_child
 
 CODE = r"""

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 
 import pytest
+
 from tests.childproc import run_child
 
 SEED = int(os.environ.get("VBUS_ADVERSITY_SEED", "20261201"))

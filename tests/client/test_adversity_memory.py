@@ -28,6 +28,7 @@ import sys
 import threading
 
 import pytest
+
 from tests.childproc import Child, run_child
 
 MiB = 1024 * 1024

@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-from tests._support import LeakCheck
 
 import vbus
+from tests._support import LeakCheck
 
 HWM = 200_000
 RUNS = 20
@@ -106,7 +106,7 @@ def test_one_publishers_burst_arrives_in_publish_order_across_topics(
     received: list[tuple[int, str]] = []
     senders = set()
     last_seq: dict[str, int] = {}
-    seq_errors = []
+    seq_errors: list[tuple[str, int, int]] = []
     try:
         while len(received) < total:
             msg = sub.recv(timeout=10.0)

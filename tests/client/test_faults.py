@@ -8,9 +8,8 @@ import sys
 import textwrap
 import time
 
-from tests._support import LeakCheck
-
 import vbus
+from tests._support import LeakCheck
 
 
 def _child(code: str) -> subprocess.Popen[str]:

@@ -9,9 +9,9 @@ import textwrap
 import threading
 
 import pytest
-from tests._support import LeakCheck
 
 import vbus
+from tests._support import LeakCheck
 
 
 def test_subscribe_then_publish_at_once_delivers_1000_of_1000(any_bus: vbus.Bus) -> None:

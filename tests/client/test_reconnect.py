@@ -2,28 +2,13 @@
 
 from __future__ import annotations
 
-import socket
 import time
 
 import pytest
-from tests._support import LeakCheck
-from tests.brokerproc import BrokerProcess
 
 import vbus
-
-
-def _free_port_pair() -> int:
-    for _ in range(100):
-        with socket.socket() as a:
-            a.bind(("127.0.0.1", 0))
-            port = a.getsockname()[1]
-            with socket.socket() as b:
-                try:
-                    b.bind(("127.0.0.1", port + 1))
-                except OSError:
-                    continue
-            return port
-    raise RuntimeError("no free port pair")
+from tests._support import LeakCheck, free_port_pair
+from tests.brokerproc import BrokerProcess
 
 
 def _publish_until_received(pub: vbus.Publisher, sub: vbus.Subscriber, topic: str,
@@ -46,7 +31,7 @@ def _publish_until_received(pub: vbus.Publisher, sub: vbus.Subscriber, topic: st
 def test_clients_survive_a_broker_restart(leakcheck: LeakCheck, tmp_path: object,
                                           how: str, transport: str) -> None:
     if transport == "tcp":
-        address = f"tcp://127.0.0.1:{_free_port_pair()}"
+        address = f"tcp://127.0.0.1:{free_port_pair()}"
     else:
         address = f"ipc://{tmp_path}/broker"
     broker = BrokerProcess(address)
@@ -80,7 +65,7 @@ def test_clients_survive_a_broker_restart(leakcheck: LeakCheck, tmp_path: object
 
 
 def test_a_new_subscriber_after_restart_is_ready_when_it_returns(leakcheck: LeakCheck) -> None:
-    address = f"tcp://127.0.0.1:{_free_port_pair()}"
+    address = f"tcp://127.0.0.1:{free_port_pair()}"
     broker = BrokerProcess(address)
     try:
         with vbus.connect(address) as bus:

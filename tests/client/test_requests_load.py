@@ -11,9 +11,8 @@ import textwrap
 import threading
 import time
 
-from tests._support import LeakCheck
-
 import vbus
+from tests._support import LeakCheck
 
 TOTAL = 10_000
 THREADS, PROCESSES, SERVERS = 4, 2, 3

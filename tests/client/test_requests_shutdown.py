@@ -18,11 +18,10 @@ import textwrap
 import threading
 import time
 
+import vbus
 from tests._support import LeakCheck
 from tests._support import fds as _fds
-
-import vbus
-from vbus._broker import requests as proto
+from vbus._proto import requests as proto
 from vbus._proto import wire as _wire
 
 CYCLES = int(os.environ.get("VBUS_TORTURE_CYCLES", "60"))

@@ -9,14 +9,17 @@ import pytest
 
 import vbus
 
+MARKER = "marker"
 
-def _drain(sub: vbus.Subscriber, quiet: float = 0.2) -> list[vbus.Message]:
+
+def _until_marker(sub: vbus.Subscriber) -> list[vbus.Message]:
+    """Every message before the marker. Published last by the publisher of the rest, it
+    arrives after all of them (one publisher's messages keep their order): what has not come
+    before it is not coming."""
     got = []
-    while True:
-        try:
-            got.append(sub.recv(timeout=quiet))
-        except TimeoutError:
-            return got
+    while (msg := sub.recv(timeout=5.0)).data != MARKER:
+        got.append(msg)
+    return got
 
 
 def test_late_subscriber_gets_latest_retained_first_then_live(any_bus: vbus.Bus) -> None:
@@ -27,7 +30,8 @@ def test_late_subscriber_gets_latest_retained_first_then_live(any_bus: vbus.Bus)
     pub.publish("other/state", "no", retain=True)
     sub = any_bus.subscribe("stage/*")
     pub.publish("stage/state", {"x": 3})
-    got = [(m.topic, m.data, m.retained) for m in _drain(sub)]
+    pub.publish("stage/end", MARKER)
+    got = [(m.topic, m.data, m.retained) for m in _until_marker(sub)]
     assert got == [
         ("stage/speed", 5.0, True),
         ("stage/state", {"x": 2}, True),
@@ -42,7 +46,13 @@ def test_live_subscribers_never_see_retained_flag(bus: vbus.Bus) -> None:
     pub.publish("s", 1, retain=True)
     msg = sub.recv(timeout=2.0)
     assert (msg.data, msg.retained) == (1, False)
-    assert _drain(sub) == []  # the broker's copy is not delivered a second time
+    # The broker's copy is not delivered a second time. A late subscriber's replay proves the
+    # broker has taken the copy; had it forwarded the copy to `sub`, it would have done so
+    # before that replay, so before this marker, published once the replay is here.
+    late = bus.subscribe("s")
+    assert (late.recv(timeout=2.0).data, late.stats().received) == (1, 1)
+    pub.publish("s", MARKER)
+    assert _until_marker(sub) == []
 
 
 def test_clear_retained(bus: vbus.Bus) -> None:
@@ -53,7 +63,9 @@ def test_clear_retained(bus: vbus.Bus) -> None:
     with pytest.raises(vbus.TopicError):
         pub.clear_retained("bad topic")
     # (a live copy still in flight when the subscription starts may arrive too: not retained)
-    got = _drain(bus.subscribe("*"))
+    sub = bus.subscribe("*")
+    pub.publish("end", MARKER)
+    got = _until_marker(sub)
     assert [(m.topic, m.data) for m in got if m.retained] == [("b", 2)]
 
 
@@ -99,11 +111,13 @@ def test_no_duplicate_and_no_gap_at_the_seam(any_bus: vbus.Bus) -> None:
     finally:
         joined.set()
         writer.join(30.0)
+    pub.publish("seam/t", MARKER)  # nothing after the last one either
     for sub in subs:
         got = [sub.recv(timeout=5.0)]
         while got[-1].seq < total:
             got.append(sub.recv(timeout=5.0))
-        got += _drain(sub, quiet=0.05)  # nothing after the last one either
+        assert sub.recv(timeout=5.0).data == MARKER
+
         seqs = [m.seq for m in got]
         assert got and got[0].retained and not any(m.retained for m in got[1:])
         assert seqs == list(range(seqs[0], total + 1)), "duplicate or gap at the seam"

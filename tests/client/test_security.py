@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 import zmq
-from tests._support import LeakCheck
 
 import vbus
+from tests._support import LeakCheck
 from vbus._proto.endpoints import parse_address
 from vbus._security import write_keypair
 

@@ -36,8 +36,8 @@ def broker(leakcheck) -> Iterator[vbus.Bus]:  # type: ignore[no-untyped-def]
     owner.close()
 
 
-def client(broker: vbus.Bus, **options: int) -> vbus.Bus:
-    return vbus.connect(broker.address, hwm=10_000, **options)
+def client(broker: vbus.Bus, shm_pool_bytes: int | None = None) -> vbus.Bus:
+    return vbus.connect(broker.address, hwm=10_000, shm_pool_bytes=shm_pool_bytes)
 
 
 DTYPES = ["bool", "int8", "uint16", "int32", "int64", "float16", "float32", ">f8",

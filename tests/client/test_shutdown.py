@@ -12,9 +12,9 @@ import threading
 import time
 
 import pytest
-from tests._support import LeakCheck
 
 import vbus
+from tests._support import LeakCheck
 
 
 def _timed_close(bus: vbus.Bus, timeout: float = 5.0) -> float:
@@ -186,7 +186,10 @@ def test_two_hundred_cycles_leave_nothing_behind(leakcheck: LeakCheck) -> None:
         got = threading.Event()
         sub = bus.subscribe("c/*")
         asub = bus.async_subscribe("c/*")
-        bus.on("c/x", lambda msg, got=got: got.set())
+        def on_x(msg: vbus.Message, got: threading.Event = got) -> None:
+            got.set()
+
+        bus.on("c/x", on_x)
 
         @bus.on("c/*")
         async def on_c(msg: vbus.Message) -> None:

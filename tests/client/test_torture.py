@@ -14,10 +14,9 @@ import statistics
 import threading
 import time
 
+import vbus
 from tests._support import LeakCheck
 from tests._support import fds as _fds
-
-import vbus
 
 CYCLES = int(os.environ.get("VBUS_TORTURE_CYCLES", "150"))
 SEED = int(os.environ.get("VBUS_TORTURE_SEED", "20261126"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import struct
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
@@ -240,7 +241,7 @@ class Harness:
         self.full = False
         self.closed = False
 
-    def _apply(self, sends: list[Send]) -> None:
+    def _apply(self, sends: Sequence[Send]) -> None:
         skipping = False
         for send in sends:
             if skipping:

@@ -3,6 +3,7 @@ handshake and retained seam, bounded per-sender state. Outbox and Inbox on bytes
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -38,7 +39,7 @@ def confirm(box: Inbox) -> None:
     box.feed(_control.control_frame(READY[:-1], OTHER), [])
 
 
-def feed_sends(box: Inbox, sends: list[Send]) -> None:
+def feed_sends(box: Inbox, sends: Sequence[Send]) -> None:
     for send in sends:
         first, *rest = send.frames
         box.feed(bytes(first), [memoryview(r).cast("B") for r in rest])

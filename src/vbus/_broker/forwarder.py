@@ -29,9 +29,11 @@ from collections.abc import Sequence
 import msgspec
 import zmq
 
+from .._errors import AddressError
 from .._proto import control as _control
 from .._proto import limits as _limits
-from .._proto.endpoints import AddressError, Endpoints, parse_address, tcp_with_port
+from .._proto.endpoints import Endpoints, parse_address, tcp_with_port
+from .._proto.stats import ForwarderStats
 from .._security import ZAP_ENDPOINT, ServerSecurity
 from .._threads import Deadline, Started, block_signals, join
 from .service import BrokerService, forwarder_counts
@@ -52,9 +54,11 @@ MONITORED_EVENTS = (
 )
 
 
-class BrokerStats(msgspec.Struct, frozen=True):
-    """Counters of the forwarder: ZeroMQ messages and bytes in from publishers and out
-    (a message sent to several subscribers counts once), and the active subscribers."""
+class BrokerCounters(msgspec.Struct, frozen=True):
+    """``Broker.stats()``, read by ``Bus.stats()``: the forwarder's counters, asked now (ZeroMQ
+    messages and bytes in from publishers and out; a message sent to several subscribers
+    counts once), and the confirmed subscribers. The ``$vbus/stats`` message, which holds
+    these and more, is ``_proto.stats.BrokerStats``."""
 
     messages_in: int = 0
     bytes_in: int = 0
@@ -167,15 +171,7 @@ class Broker:
             started.fail(exc)
             return
         started.ok(bound)
-        try:
-            zmq.proxy_steerable(front, back, None, control)
-        except zmq.ContextTerminated:
-            log.warning("broker %s: forwarder stopped by context termination", self.id)
-        except zmq.ZMQError as exc:
-            log.error("broker %s: forwarder failed: %s", self.id, exc)
-        finally:
-            for sock in mine:
-                sock.close(0)
+        self._forward(front, back, control, "forwarder", mine)
 
     def _make_gate(self) -> list[zmq.Socket[bytes]]:
         """The network intake (SUB, bound by the caller), its PUB into the forwarder and the
@@ -205,14 +201,19 @@ class Broker:
     def _run_gate(self, sockets: list[zmq.Socket[bytes]]) -> None:
         block_signals()
         intake, out, control = sockets
+        self._forward(intake, out, control, "gate", sockets)
+
+    def _forward(self, front: zmq.Socket[bytes], back: zmq.Socket[bytes],
+                 control: zmq.Socket[bytes], what: str, mine: list[zmq.Socket[bytes]]) -> None:
+        """Run a C forwarder until TERMINATE on ``control``, then close this thread's sockets."""
         try:
-            zmq.proxy_steerable(intake, out, None, control)
+            zmq.proxy_steerable(front, back, None, control)
         except zmq.ContextTerminated:
-            log.warning("broker %s: gate stopped by context termination", self.id)
+            log.warning("broker %s: %s stopped by context termination", self.id, what)
         except zmq.ZMQError as exc:
-            log.error("broker %s: gate failed: %s", self.id, exc)
+            log.error("broker %s: %s failed: %s", self.id, what, exc)
         finally:
-            for sock in sockets:
+            for sock in mine:
                 sock.close(0)
 
     def _monitor(self, side: str) -> str:
@@ -239,13 +240,14 @@ class Broker:
         finally:
             req.close(0)
 
-    def _forwarder_counts(self, timeout: float = 1.0) -> dict[str, int]:
+    def _forwarder_counts(self, timeout: float = 1.0) -> ForwarderStats:
         reply = self._request(b"STATISTICS", timeout) if self._proxy.is_alive() else None
-        return forwarder_counts(reply) if reply else {}
+        return (forwarder_counts(reply) if reply else None) or ForwarderStats()
 
-    def stats(self, timeout: float = 1.0) -> BrokerStats:
-        return BrokerStats(**self._forwarder_counts(timeout),
-                           subscribers=len(self.service.subscribers))
+    def stats(self, timeout: float = 1.0) -> BrokerCounters:
+        f = self._forwarder_counts(timeout)
+        return BrokerCounters(f.messages_in, f.bytes_in, f.messages_out, f.bytes_out,
+                              subscribers=len(self.service.subscribers))
 
     # -- shutdown ---------------------------------------------------------------------------
     def stop(self, deadline: Deadline) -> list[str]:

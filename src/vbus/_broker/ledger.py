@@ -5,13 +5,13 @@ from __future__ import annotations
 import bisect
 import heapq
 import itertools
-from typing import Any
 
 import msgspec
 
 from .._errors import DecodeError
 from .._proto import control as _control
 from .._proto import wire as _wire
+from .._proto.stats import BrokerStats, ForwarderStats, TopicStats
 from .._proto.topics import Pattern
 
 MAX_RETAINED_TOPICS = 100_000
@@ -120,7 +120,7 @@ class SubscriberCount:
 
 
 class Ledger:
-    """Aggregates reports into the ``$vbus/stats`` map (totals and rates per topic).
+    """Aggregates reports into the ``$vbus/stats`` message (totals and rates per topic).
 
     Bounded and incremental: a report changes the totals by its difference from the same
     sender's previous one, so a snapshot costs what changed since the last one, not what is
@@ -189,7 +189,8 @@ class Ledger:
             del self._totals[topic]
         return True
 
-    def snapshot(self, now: float, forwarder: dict[str, int], subscribers: int) -> dict[str, Any]:
+    def snapshot(self, now: float, forwarder: ForwarderStats, subscribers: int) -> BrokerStats:
+        """The ``$vbus/stats`` message as of ``now`` (the service adds its own counters)."""
         dt = None if self._last_time is None else max(now - self._last_time, 1e-9)
         rates: dict[str, tuple[float, float]] = {}
         for topic, before in self._changed.items():
@@ -208,23 +209,22 @@ class Ledger:
         for topic in shown:
             messages, size, _ = self._totals[topic]
             message_rate, byte_rate = rates.get(topic, (0.0, 0.0))
-            topics[topic] = {
-                "messages": min(messages, _MAX_COUNT),
-                "bytes": min(size, _MAX_COUNT),
-                "message_rate": message_rate,
-                "byte_rate": byte_rate,
-            }
-        return {
-            "broker": self._id,
-            "time": now,
-            "uptime": now - self._started,
-            **forwarder,
-            "subscribers": subscribers,
-            "publishers": self._open,
-            "dropped": min(self._dropped, _MAX_COUNT),
-            "topics": topics,
-            "topics_total": len(self._totals),
-        }
+            topics[topic] = TopicStats(min(messages, _MAX_COUNT), min(size, _MAX_COUNT),
+                                       message_rate, byte_rate)
+        return BrokerStats(
+            broker=self._id,
+            time=now,
+            uptime=now - self._started,
+            messages_in=forwarder.messages_in,
+            bytes_in=forwarder.bytes_in,
+            messages_out=forwarder.messages_out,
+            bytes_out=forwarder.bytes_out,
+            subscribers=subscribers,
+            publishers=self._open,
+            dropped=min(self._dropped, _MAX_COUNT),
+            topics=topics,
+            topics_total=len(self._totals),
+        )
 
 
 class _Account(msgspec.Struct):

@@ -22,14 +22,18 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import msgspec
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from .._errors import DecodeError, TopicError
 from .._proto import control as _control
+from .._proto import requests as _proto_requests
 from .._proto import shm as _shm_proto
+from .._proto import stats as _stats
 from .._proto import wire as _wire
 from .._proto.seq import BurstLog
+from .._proto.stats import ForwarderStats
 from .._proto.topics import Pattern, compile_pattern
 from .._security import Authorizer, zap_reply
 from .._threads import Started, block_signals
@@ -109,7 +113,7 @@ class BrokerService:
         self._wants: dict[bytes, Pattern] = {}
         self._ledger = Ledger(broker_id, time.time())
         self._connections = Connections(self.peers, self._rejections, set(subscriber_ports))
-        self._forwarder: dict[str, int] = {}
+        self._forwarder = ForwarderStats()
         self._subscriptions = 0  # distinct subscriptions the forwarder holds (as it told us)
         self.requests = _broker_requests.RequestRouter(self._sender)
         self.twins = _shm_proto.twin_registry(self._sender)  # shm: see _proto/shm.py
@@ -141,7 +145,7 @@ class BrokerService:
             out.connect(self._publish_endpoint)
             into.subscribe(_control.RETAIN)
             into.subscribe(_control.REPORT)
-            into.subscribe(_broker_requests.REQUEST)
+            into.subscribe(_proto_requests.REQUEST)
             into.connect(self._subscribe_endpoint)
             self._confirm_own_subscription(out, into)
             self._ask_forwarder_stats(control)
@@ -258,7 +262,7 @@ class BrokerService:
                 self.retained.take(first, rest)
             elif first.startswith(_control.REPORT):
                 self._take_report(first)
-            elif first.startswith(_broker_requests.REQUEST):
+            elif first.startswith(_proto_requests.REQUEST):
                 self.requests.request(first, rest)
         return True
 
@@ -395,14 +399,16 @@ class BrokerService:
         self._forwarder = forwarder_counts(reply) or self._forwarder
 
     def _publish_stats(self, out: zmq.Socket[bytes]) -> None:
-        stats = self._ledger.snapshot(time.time(), self._forwarder, len(self.subscribers))
-        stats["peers"] = dict(self.peers)
-        stats["connections"] = len(self._connections)
-        stats["subscriptions"] = self._subscriptions
-        stats["retained"] = len(self.retained)
-        stats["requests"] = _broker_requests.stats_dict(self.requests)
+        stats = msgspec.structs.replace(
+            self._ledger.snapshot(time.time(), self._forwarder, len(self.subscribers)),
+            peers=dict(self.peers),
+            connections=len(self._connections),
+            subscriptions=self._subscriptions,
+            retained=len(self.retained),
+            requests=self.requests.stats(),
+        )
         frame = _control.control_frame(
-            _control.STATS_TOPIC.encode(), self._sender, payload=_control.stats_payload(stats)
+            _stats.STATS_TOPIC.encode(), self._sender, payload=_stats.stats_payload(stats)
         )
         try:
             out.send(frame, zmq.NOBLOCK)
@@ -410,13 +416,13 @@ class BrokerService:
             pass  # a stats message is superseded by the next one a second later
 
 
-def forwarder_counts(reply: list[bytes]) -> dict[str, int]:
-    """The forwarder's counters from its STATISTICS reply ({} if it is not one)."""
+def forwarder_counts(reply: list[bytes]) -> ForwarderStats | None:
+    """The forwarder's counters from its STATISTICS reply (None if it is not one)."""
     if len(reply) != 8:
-        return {}
+        return None
     n = [int.from_bytes(part, "little") for part in reply]
     # frontend: msgs in, bytes in, msgs out, bytes out; then the same for the backend.
-    return {"messages_in": n[0], "bytes_in": n[1], "messages_out": n[6], "bytes_out": n[7]}
+    return ForwarderStats(messages_in=n[0], bytes_in=n[1], messages_out=n[6], bytes_out=n[7])
 
 
 # -- connections, from the monitor's file descriptors ----------------------------------------------

@@ -140,8 +140,8 @@ def _unblock_discarding_pending() -> None:
 
 
 def _serve(bus: Bus, exposed: list[str]) -> int:
-    broker = getattr(bus, "_broker", None)
-    addresses = [ep.address for ep in getattr(broker, "endpoints", ())] or [bus.address]
+    # Bus.addresses: every bound address, then the in-process one (not for other processes).
+    addresses = [a for a in bus.addresses if not a.startswith("inproc://")] or [bus.address]
     print("\n".join(addresses), flush=True)
     for address in exposed:
         log.warning("%s is open to the network: anyone who reaches it can read and publish "

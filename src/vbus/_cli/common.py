@@ -17,18 +17,16 @@ from collections.abc import Callable, Iterator
 from typing import Any, TextIO
 
 from .._bus import Bus, connect
+from .._errors import UserError as UserError  # every command raises it from here
 from .._errors import VbusError
 from .._proto.endpoints import parse_address
 from .._security import check_key, load_keypair, load_public_key
+from .._threads import DEFAULT_TIMEOUT
 
-DEFAULT_TIMEOUT = 5.0
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
 ADDRESS_VARIABLE = "VBUS_ADDRESS"
 _HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):\d+$")
 
-
-class UserError(VbusError):
-    """A mistake the user can fix; printed as one line, exit status 1."""
 
 
 def add_parser(commands: Any, name: str, *, help: str, description: str,
@@ -202,11 +200,16 @@ def human_duration(seconds: float) -> str:
     return f"{hours}h{m:02d}m{s:02d}s" if hours else f"{m}m{s:02d}s"
 
 
+PROGRESS_TICK = 0.25
+"""How often a progress line is refreshed: a command that waits wakes this often for it."""
+
+
 class Progress:
     """A status line rewritten in place on stderr, at most every ``interval`` seconds; silent
     unless stderr is a terminal (and the user did not ask for --quiet)."""
 
-    def __init__(self, quiet: bool, stream: TextIO | None = None, interval: float = 0.25) -> None:
+    def __init__(self, quiet: bool, stream: TextIO | None = None,
+                 interval: float = PROGRESS_TICK) -> None:
         self._stream = stream or sys.stderr
         self.enabled = not quiet and self._stream.isatty()
         self._interval = interval

@@ -9,7 +9,7 @@ import sys
 from typing import Any
 
 from .common import add_parser, human_bytes, human_duration
-from .record import need_mcap
+from .mcap import need_mcap
 
 
 def register(commands: Any) -> None:

@@ -1,7 +1,8 @@
 """The ``vbus`` command line. A user's mistake is one line on stderr and a non-zero exit.
 
-Each command lives in a ``_cmd_*`` module with a ``register(commands)`` function that adds
-its parser (with an example in its --help) and sets ``run``.
+Each command lives in a module of this package (``vbus demo`` in the demo/ package) with a
+``register(commands)`` function that adds its parser (with an example in its --help) and sets
+``run``; common.py holds what several share, mcap.py the recording format.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import sys
 from collections.abc import Callable, Sequence
 
 from .._errors import VbusError
+from . import bench as _cmd_bench
 from . import broker as _cmd_broker
-from . import extras as _cmd_extras
+from . import demo as _cmd_demo
 from . import info as _cmd_info
 from . import keygen as _cmd_keygen
 from . import pub as _cmd_pub
@@ -47,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     parser.add_argument("--version", action="version", version=f"vbus {_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    _cmd_extras.register_demo(commands)  # the README's first command
+    _cmd_demo.register(commands)  # the README's first command
     _cmd_broker.register(commands)
     _cmd_pub.register(commands)
     _cmd_sub.register(commands)
@@ -58,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     _cmd_info.register(commands)
     _cmd_topics.register(commands)
     _cmd_keygen.register(commands)
-    _cmd_extras.register_bench(commands)
+    _cmd_bench.register(commands)
     return parser
 
 

@@ -62,7 +62,7 @@ from typing import IO, Any
 
 import msgspec
 
-from .._errors import DecodeError, EncodeError, VbusError
+from .._errors import DecodeError, EncodeError, RecordingError, UserError
 from .._message import Message
 from .._proto import wire as _wire
 from .._proto.topics import topic_prefix
@@ -82,8 +82,15 @@ _MAGIC = b"\x89MCAP0\r\n"
 log = logging.getLogger("vbus.mcap")
 
 
-class RecordingError(VbusError, ValueError):
-    """A file is not a readable vbus recording; the message names the file and the problem."""
+
+def need_mcap(command: str) -> None:
+    """UserError naming the package if the mcap library is missing (vbus depends on it; a
+    broken environment can still lack it)."""
+    try:
+        import mcap  # noqa: F401
+    except ImportError:
+        raise UserError(f"vbus {command} needs the mcap package: pip install mcap "
+                        "(or install vbus with its cli extra)") from None
 
 
 # -- schemas ----------------------------------------------------------------------------------

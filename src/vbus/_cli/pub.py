@@ -127,11 +127,7 @@ class FramedPublisher:
         """The broker's copy of a retained value: a control message (the publisher does not
         count it as published, so the stats show no $vbus/retain/... topic)."""
         assert self.retained_copy is not None
-        send_control = getattr(self._pub, "_send_control", None)
-        if send_control is not None:
-            send_control(self.retained_copy)
-        else:  # a core without it: send it as a ready-made message
-            self._pub._publish_frames(self.retained_copy, None)
+        self._pub._send_control(self.retained_copy)
 
     def _send(self, frame: bytes) -> None:
         wait = _ROOM_WAIT[0]

@@ -15,6 +15,7 @@ from .._errors import EncodeError
 from .._message import Message
 from .._proto.topics import compile_pattern
 from .common import (
+    PROGRESS_TICK,
     Progress,
     RateMeter,
     UserError,
@@ -28,11 +29,9 @@ from .common import (
     say,
     split_address,
 )
+from .mcap import need_mcap
 
 log = logging.getLogger("vbus.record")
-
-_TICK = 0.25  # progress refresh while waiting
-
 
 def register(commands: Any) -> None:
     p = add_parser(
@@ -78,14 +77,6 @@ def register(commands: Any) -> None:
                                                         "(losses are still reported)")
     add_timeout(p)
     p.set_defaults(run=run_record)
-
-
-def need_mcap(command: str) -> None:
-    try:
-        import mcap  # noqa: F401
-    except ImportError:
-        raise UserError(f"vbus {command} needs the mcap package: pip install mcap "
-                        "(or install vbus with its cli extra)") from None
 
 
 class LossCounter:
@@ -220,7 +211,7 @@ def _record(sub: Any, writer: Any, losses: LossCounter, excluded: list[Any],
             remaining = None if end is None else end - time.monotonic()
             if remaining is not None and remaining <= 0:
                 break
-            wait = _TICK if remaining is None else min(_TICK, remaining)
+            wait = PROGRESS_TICK if remaining is None else min(PROGRESS_TICK, remaining)
             try:
                 msg = sub.recv(wait if progress.enabled else remaining)
             except TimeoutError:

@@ -8,6 +8,7 @@ from typing import Any
 
 from .._proto.topics import compile_pattern
 from .common import (
+    PROGRESS_TICK,
     Progress,
     RateMeter,
     UserError,
@@ -18,7 +19,7 @@ from .common import (
     normalize_address,
     say,
 )
-from .record import _TICK, need_mcap
+from .mcap import need_mcap
 
 _ROOM_WAIT = (0.0005, 0.05)  # backoff while the queue to the broker is full
 
@@ -158,7 +159,7 @@ def _replay(bus: Any, pub: Any, messages: Any, args: argparse.Namespace) -> int:
             if speed:
                 due = start + position / speed
                 while (wait := due - time.monotonic()) > 0:
-                    time.sleep(min(wait, _TICK))  # keeping the recorded timing, not waiting
+                    time.sleep(min(wait, PROGRESS_TICK))  # keeping the recorded timing, not waiting
                     progress.update(status)        # for a message
             if pending is None:
                 _send_confirmed(bus, pub, rec, first, external, args.timeout)

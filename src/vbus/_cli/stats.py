@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from .._proto import stats as _stats
+from .._proto.stats import STATS_TOPIC, BrokerStats
 from .._subscriber import Subscriber
 from .common import (
     UserError,
@@ -23,31 +25,7 @@ from .common import (
 if TYPE_CHECKING:
     from rich.console import RenderableType
 
-STATS_TOPIC = "$vbus/stats"
 STALE_AFTER = 3.0  # the broker publishes once a second
-
-
-class TopicStats(msgspec.Struct, frozen=True):
-    messages: int = 0
-    bytes: int = 0
-    message_rate: float = 0.0
-    byte_rate: float = 0.0
-
-
-class BrokerStats(msgspec.Struct, frozen=True):
-    """The ``$vbus/stats`` map (unknown keys are ignored, missing counters are 0)."""
-
-    broker: str
-    time: float
-    uptime: float = 0.0
-    messages_in: int = 0
-    bytes_in: int = 0
-    messages_out: int = 0
-    bytes_out: int = 0
-    subscribers: int = 0
-    publishers: int | None = None
-    dropped: int = 0
-    topics: dict[str, TopicStats] = {}
 
 
 def register(commands: Any) -> None:
@@ -74,7 +52,7 @@ def register(commands: Any) -> None:
 
 def decode(data: Any) -> BrokerStats:
     try:
-        return msgspec.convert(data, BrokerStats)
+        return _stats.decode(data)
     except msgspec.ValidationError as exc:
         raise UserError(f"unexpected {STATS_TOPIC} message: {exc}") from None
 

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from .._message import Message
+from .._proto.stats import STATS_TOPIC
 from .._proto.topics import compile_pattern
 from .common import (
     UserError,
@@ -27,8 +28,6 @@ from .common import (
 )
 from .record import LossCounter
 from .render import human_line, json_line, jsonable
-
-STATS_TOPIC = "$vbus/stats"
 
 _LOSS_NOTE_EVERY = 1.0  # seconds between running loss counts on stderr
 _SILENT_AFTER = 3.5  # the broker publishes $vbus/stats once a second

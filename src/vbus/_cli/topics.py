@@ -9,6 +9,7 @@ import sys
 import time
 from typing import Any
 
+from .._proto.stats import STATS_TOPIC
 from .._proto.topics import compile_pattern
 from .common import (
     UserError,
@@ -22,7 +23,6 @@ from .common import (
     split_address,
 )
 
-STATS_TOPIC = "$vbus/stats"
 _STATS_PERIOD = 1.0
 
 

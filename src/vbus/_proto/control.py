@@ -7,7 +7,7 @@
 - ``$vbus/retain/<topic>``: a publisher's copy of a retained message, kept by the broker;
   with FLAG_CLEAR it clears the topic's retained value.
 - ``$vbus/report/<id>``: publishers' and subscribers' counters, aggregated by the broker.
-- ``$vbus/stats``: the broker's statistics, once a second.
+- ``$vbus/stats``: the broker's statistics, once a second (the schema: _proto/stats.py).
 
 The first byte of the first two is not a topic character on purpose. A SUB socket that is not yet
 connected sends its subscriptions, once connected, in byte order (libzmq walks its trie), not
@@ -19,26 +19,25 @@ them all active. Once connected, subscriptions go out in call order, which is th
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any
+from typing import Annotated
 
 import msgspec
 
+from . import requests as _requests
 from . import wire as _wire
 
 READY = b"\xffvbus/ready/"
 WANT = b"\xfevbus/want/"
 RETAIN = b"$vbus/retain/"
 REPORT = b"$vbus/report/"
-STATS_TOPIC = "$vbus/stats"
 
 _NIL = _wire.Payload(_wire.KIND_MSGPACK, b"\xc0")
 
 TOPIC_START = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-.:"
 """Every byte a topic may start with (see _proto/topics.py)."""
-CLIENT_REQUEST, CLIENT_REPLY = b"$vbus/req/", b"$vbus/reply/"  # see _broker/requests.py
 TWIN = b"$vbus/twin/"  # shm: a frame's bytes twin, for subscribers off shared memory
-CLIENT_PREFIXES = (*(bytes([c]) for c in TOPIC_START), RETAIN, REPORT, CLIENT_REQUEST,
-                   CLIENT_REPLY, TWIN)
+CLIENT_PREFIXES = (*(bytes([c]) for c in TOPIC_START), RETAIN, REPORT, _requests.REQUEST,
+                   _requests.REPLY, TWIN)
 """What a network peer may send through the broker: messages whose first frame starts with
 one of these (a topic; a retained copy, a report, a request, a server's reply; a bytes twin
 of a shared-memory frame, see _proto/shm.py). Everything
@@ -101,6 +100,3 @@ def report_frame(sender: bytes, report: Report) -> bytes:
     payload = _wire.Payload(_wire.KIND_MSGPACK, _REPORT_ENCODER.encode(report))
     return control_frame(REPORT + sender.hex().encode(), sender, payload=payload)
 
-
-def stats_payload(stats: dict[str, Any]) -> _wire.Payload:
-    return _wire.Payload(_wire.KIND_MSGPACK, _REPORT_ENCODER.encode(stats))

@@ -11,12 +11,7 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
-from .._errors import VbusError
-
-
-class AddressError(VbusError, ValueError):
-    """An address is malformed, or cannot be bound."""
-
+from .._errors import AddressError as AddressError  # raised here; re-exported
 
 _TCP = re.compile(r"tcp://(?P<host>\[[^\]]+\]|[^:/\[\]]+):(?P<port>\d+|\*)")
 SUBSCRIBE_SUFFIX = ".sub"

@@ -1,8 +1,8 @@
-"""``vbus demo``: an embedded bus, a simulated instrument, a sync subscriber, an async callback."""
+"""``vbus demo``: an embedded bus, the simulated instrument (instrument.py), a sync subscriber
+and an async callback, live rates in the terminal."""
 
 from __future__ import annotations
 
-import math
 import sys
 import threading
 import time
@@ -11,43 +11,13 @@ from typing import Any
 from ..._bus import Bus
 from ..._message import Message
 from ..._subscriber import Subscriber
-
-
-def _camera_frame(size: int, tick: int) -> Any:
-    try:
-        import numpy
-    except ImportError:  # numpy is optional: frames then travel as bytes
-        return bytes(size * size * 2)
-    frame = numpy.empty((size, size), dtype=numpy.uint16)
-    frame[:] = (numpy.arange(size, dtype=numpy.uint16) + tick) % 4096
-    return frame
-
-
-def _instrument(bus: Bus, stop: threading.Event, rate: float, fps: float, size: int) -> None:
-    """Stage positions at ``rate`` Hz (0: flat out) and camera frames at ``fps`` Hz."""
-    pub = bus.publisher()
-    start = next_frame = time.monotonic()
-    period = 1.0 / rate if rate > 0 else 0.0
-    sent = tick = 0
-    while True:
-        t = time.monotonic() - start
-        pub.publish("stage/x", 10.0 * math.sin(t))
-        pub.publish("stage/y", 10.0 * math.cos(t))
-        sent += 1
-        if fps > 0 and time.monotonic() >= next_frame:
-            pub.publish("camera/frame", _camera_frame(size, tick))
-            next_frame += 1.0 / fps
-            tick += 1
-        ahead = start + sent * period - time.monotonic() if period else 0.0
-        if stop.wait(ahead) if ahead > 0 else stop.is_set():
-            break
-    pub.close()
+from .instrument import Instrument
 
 
 def _drain(sub: Subscriber, counts: dict[str, int]) -> None:
     for msg in sub:
         counts["stage"] += 1
-        counts["last_x"] = msg.data
+        counts["last_x"] = msg.data["x"]
 
 
 def run_demo(*, duration: float | None, rate: float, fps: float, size: int) -> int:
@@ -63,9 +33,7 @@ def run_demo(*, duration: float | None, rate: float, fps: float, size: int) -> i
 
         stop = threading.Event()
         reader = threading.Thread(target=_drain, args=(stage, counts), name="demo-subscriber")
-        instrument = threading.Thread(
-            target=_instrument, args=(bus, stop, rate, fps, size), name="demo-instrument"
-        )
+        instrument = Instrument(bus, fps=fps, stage_rate=rate, shape=(size, size))
         reader.start()
         instrument.start()
         print(f"vbus demo: embedded bus at {bus.address}; Ctrl-C to stop", file=out, flush=True)
@@ -93,7 +61,7 @@ def run_demo(*, duration: float | None, rate: float, fps: float, size: int) -> i
             print("\nvbus demo: interrupted", file=out)
         finally:
             stop.set()
-            instrument.join()
+            instrument.stop()
             total = time.monotonic() - began
             t0 = time.perf_counter()
             bus.close()

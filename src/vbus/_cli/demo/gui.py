@@ -1,4 +1,4 @@
-"""``vbus demo --gui`` and examples/qt_viewer.py: a live viewer for a simulated microscope.
+"""``vbus demo --gui``: a live viewer for the simulated microscope of instrument.py.
 
 A camera publishes 1 MiB numpy frames (512 x 1024 uint16) at 200 Hz from its own thread, a
 stage publishes its position at 100 Hz from another, an async "analysis plugin" on the bus's
@@ -13,12 +13,9 @@ Needs a Qt binding (PySide6 or PyQt6, through qtpy) and numpy (``pip install 'vb
 
 from __future__ import annotations
 
-import math
 import os
 import signal
-import socket
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -49,125 +46,12 @@ from qtpy.QtWidgets import (
 from ..._bus import Bus
 from ..._errors import Closed
 from ..._message import Message
+from ..._waker import Waker
 from ...qt import QtSubscriber, forward
-
-FRAME_SHAPE = (512, 1024)  # uint16: 1 MiB a frame
-FPS = 200.0
-STAGE_RATE = 100.0
-PIXEL_UM = 0.5  # the sample moves under the camera with the stage
-DEFAULT_EXPOSURE_MS = 10
+from .instrument import DEFAULT_EXPOSURE_MS, FPS, FRAME_SHAPE, STAGE_RATE, Instrument
 
 
-# -- the simulated instrument ------------------------------------------------------------------
-def make_sample(shape: tuple[int, int] = (1024, 2048), seed: int = 7) -> Any:
-    """A smooth synthetic specimen, 12-bit at 16 ms exposure: cells with a bright rim and a
-    nucleus on a faint background. Computed once; frames are crops of it."""
-    rng = np.random.default_rng(seed)
-    h, w = shape
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    img = 180.0 + 120.0 * np.sin(xx / 310.0) * np.cos(yy / 270.0)
-    for _ in range(90):
-        cy, cx = rng.uniform(0, h), rng.uniform(0, w)
-        radius = rng.uniform(14, 46)
-        bright = rng.uniform(900, 2600)
-        y0, y1 = int(max(cy - 2 * radius, 0)), int(min(cy + 2 * radius, h))
-        x0, x1 = int(max(cx - 2 * radius, 0)), int(min(cx + 2 * radius, w))
-        r = np.hypot(yy[y0:y1, x0:x1] - cy, xx[y0:y1, x0:x1] - cx)
-        rim = np.exp(-(((r - radius) / (0.18 * radius)) ** 2))
-        body = 0.25 * np.exp(-((r / radius) ** 2))
-        nucleus = 0.9 * np.exp(-((r / (0.32 * radius)) ** 2))
-        img[y0:y1, x0:x1] += bright * (rim + body + nucleus)
-    return np.clip(img, 0, 4095).astype(np.uint16)
-
-
-def stage_position(t: float) -> tuple[float, float]:
-    """The stage's slow Lissajous scan, in micrometres."""
-    return 240.0 * math.sin(2 * math.pi * 0.05 * t), 110.0 * math.sin(2 * math.pi * 0.083 * t)
-
-
-class Instrument:
-    """A camera (``camera/frame``, numpy uint16) and a stage (``stage/position``), each
-    publishing from a thread of its own; ``camera/exposure`` (ms, 1..16) sets the exposure."""
-
-    def __init__(
-        self, bus: Bus, *, fps: float = FPS, stage_rate: float = STAGE_RATE,
-        shape: tuple[int, int] = FRAME_SHAPE,
-    ) -> None:
-        self.bus = bus
-        self.fps = fps
-        self.stage_rate = stage_rate
-        self.shape = shape
-        h, w = shape
-        self.sample = make_sample((2 * h, 2 * w))
-        self.exposure = DEFAULT_EXPOSURE_MS
-        self.frames = 0
-        self._stop = threading.Event()
-        self._t0 = time.monotonic()
-        bus.on("camera/exposure", self._set_exposure)
-        self._threads = [
-            threading.Thread(target=self._camera, name="demo-camera"),
-            threading.Thread(target=self._stage, name="demo-stage"),
-        ]
-
-    def _set_exposure(self, msg: Message) -> None:
-        if isinstance(msg.data, (int, float)):
-            self.exposure = int(min(max(msg.data, 1), 16))
-
-    def start(self) -> None:
-        self._t0 = time.monotonic()
-        for thread in self._threads:
-            thread.start()
-
-    def stop(self, timeout: float = 2.0) -> None:
-        self._stop.set()
-        deadline = time.monotonic() + timeout
-        for thread in self._threads:
-            if thread.ident is not None:
-                thread.join(max(deadline - time.monotonic(), 0.0))
-
-    def frame_at(self, t: float) -> Any:
-        x, y = stage_position(t)
-        h, w = self.shape
-        row = int(h / 2 + y / PIXEL_UM)
-        col = int(w / 2 + x / PIXEL_UM)
-        row = min(max(row, 0), self.sample.shape[0] - h)
-        col = min(max(col, 0), self.sample.shape[1] - w)
-        frame = np.empty(self.shape, dtype=np.uint16)  # a new array each time: sent zero-copy
-        np.multiply(self.sample[row : row + h, col : col + w], self.exposure, out=frame)
-        frame >>= 4
-        return frame
-
-    def _paced(self, rate: float, step: Any) -> None:
-        pub = self.bus.publisher()
-        try:
-            start = time.monotonic()
-            n = 0
-            while not self._stop.is_set():
-                step(pub, time.monotonic() - self._t0)
-                n += 1
-                ahead = start + n / rate - time.monotonic()
-                if ahead < -0.25:  # fell far behind (machine busy): do not burst to catch up
-                    start, n = time.monotonic(), 0
-                if self._stop.wait(max(ahead, 0.0)):
-                    break
-        finally:
-            pub.close()
-
-    def _camera(self) -> None:
-        def shoot(pub: Any, t: float) -> None:
-            pub.publish("camera/frame", self.frame_at(t))
-            self.frames += 1
-
-        self._paced(self.fps, shoot)
-
-    def _stage(self) -> None:
-        def move(pub: Any, t: float) -> None:
-            x, y = stage_position(t)
-            pub.publish("stage/position", {"x": round(x, 3), "y": round(y, 3)})
-
-        self._paced(self.stage_rate, move)
-
-
+# -- the analysis plugin --------------------------------------------------------------------
 def start_analysis(bus: Bus) -> None:
     """An async plugin on the bus's background loop: statistics of every frame."""
     apub = bus.async_publisher()
@@ -473,26 +357,17 @@ class _SigintToQuit(QObject):
 
     def __init__(self, app: QApplication) -> None:
         super().__init__(app)
-        self._read, self._write = socket.socketpair()
-        self._read.setblocking(False)
-        self._write.setblocking(False)
-        self._old_fd = signal.set_wakeup_fd(self._write.fileno())
+        self._waker = Waker(for_signals=True)
+        self._old_fd = signal.set_wakeup_fd(self._waker.wakeup_fd())
         self._old_handler = signal.signal(signal.SIGINT, lambda *_: app.quit())
-        self._notifier = QSocketNotifier(self._read.fileno(), QSocketNotifier.Type.Read, self)
-        self._notifier.activated.connect(self._drain)
-
-    def _drain(self) -> None:
-        try:
-            self._read.recv(64)
-        except BlockingIOError:
-            pass
+        self._notifier = QSocketNotifier(self._waker.fileno(), QSocketNotifier.Type.Read, self)
+        self._notifier.activated.connect(self._waker.clear)
 
     def restore(self) -> None:
         self._notifier.setEnabled(False)
         signal.signal(signal.SIGINT, self._old_handler)
         signal.set_wakeup_fd(self._old_fd)
-        self._read.close()
-        self._write.close()
+        self._waker.close()
 
 
 def open_viewer(bus: Bus) -> tuple[Instrument, ViewerWindow]:
