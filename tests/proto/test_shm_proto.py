@@ -142,3 +142,42 @@ def test_a_late_claim_finds_the_recent_frames_intact() -> None:
     ledger.release(1, [blocks[0].serial])
     again = ledger.allocate(MIB)
     assert again is not None and again.offset < 64 * MIB // 2  # first fit: low, cache-warm
+
+
+def test_the_service_registry_tracks_twin_prefixes_and_answers_tokens() -> None:
+    sent: list[tuple[bytes, list[bytes]]] = []
+
+    def frame(topic: bytes, payload: bytes) -> bytes:
+        sent.append((topic, proto.parse_twin_state(payload)))
+        return topic
+
+    registry = proto.TwinRegistry(frame)
+    assert registry.subscription(True, b"cam/") is None  # not about twins
+    assert registry.subscription(True, proto.TWIN + b"cam/") == [proto.TWINS_STATE + b"all"]
+    assert registry.subscription(True, proto.TWIN + b"cam/") == []  # already known
+    assert registry.subscription(True, proto.TWINS_STATE + b"tok") == [proto.TWINS_STATE + b"tok"]
+    assert registry.subscription(True, proto.TWINS_STATE) == []  # the prefix, no token
+    assert registry.subscription(False, proto.TWIN + b"cam/") == [proto.TWINS_STATE + b"all"]
+    assert registry.subscription(False, proto.TWIN + b"cam/") == []
+    assert [s for _, s in sent] == [[b"cam/"], [b"cam/"], []]
+
+
+def test_a_subscriber_takes_each_publisher_by_descriptor_or_by_twin_never_both() -> None:
+    from vbus import _shm
+    from vbus._proto import wire
+
+    env = wire.Envelope("$vbus/twin/cam/x", 0, wire.KIND_NDARRAY, b"p" * 8, 3, 0.0, 40)
+    other = wire.Envelope("$vbus/stats", 0, wire.KIND_MSGPACK, b"b" * 8, 1, 0.0, 20)
+    remote = proto.encode_descriptor(
+        proto.Descriptor("vbus-shm-x", "another-host/1", 1, 0, 100, "|u1", (100,)))
+    plain = _shm.Resolver(["cam/**"])
+    assert plain.twin(env) is None  # it takes no twins: dropped
+    assert plain.twin(other) is other  # another $ topic: the inbox decides
+    assert not plain.skip(b"p" * 8, memoryview(remote))  # a descriptor it cannot map: lost
+    off = _shm.Resolver(["cam/**"], forced=True)
+    assert off.skip(b"p" * 8, memoryview(remote))  # the twin brings it
+    twin = off.twin(env)
+    assert twin is not None and twin.topic == "cam/x" and twin.seq == 3 and twin.offset == 40
+    remote_style = _shm.Resolver(["cam/**"], twins=True)
+    assert remote_style.skip(b"p" * 8, memoryview(remote))  # another host: by twin
+    assert remote_style.twin(env) is not None
