@@ -709,12 +709,14 @@ class Resolver:
 
     def __init__(self, patterns: list[str], *, twins: bool = False, forced: bool = False) -> None:
         self._patterns = patterns
+        self._prefixes = [p for text in patterns for p in compile_pattern(text).prefixes]
         self.twins = twins or forced
         self.forced = forced or not AVAILABLE
         self._links: dict[str, _Link] = {}
         self._refused: dict[str, str] = {}  # pools we cannot reach, and why
         self._modes: dict[bytes, bool] = {}  # sender -> True: by descriptor, False: by twin
         self._dtypes: dict[str, Any] = {}
+        self.wants_twins = False  # a publisher of another host was heard: take its twins
         self.received = 0
         self.lost = 0
         self.why = ""
@@ -751,6 +753,16 @@ class Resolver:
         except (DecodeError, Lost, Exception):
             return False
         return True
+
+    def take_twins(self) -> tuple[bytes, ...]:
+        """The shell subscribes to the twins of these prefixes now: from here on, publishers
+        of other hosts come by twin (the frames lost until the first twin are counted)."""
+        self.wants_twins = False
+        if self.twins:
+            return ()
+        self.twins = True
+        self._modes.clear()
+        return tuple(self._prefixes)
 
     # -- descriptors ------------------------------------------------------------------------
     def resolve(self, inline: memoryview) -> Any:
@@ -823,7 +835,8 @@ class Resolver:
             if not AVAILABLE:
                 why = "shared memory is not available here"
             elif d.host != host_id():
-                why = "its publisher is on another host"
+                why = "its publisher is on another host (its frames come as bytes from now on)"
+                self.wants_twins = not self.twins
             elif len(self._links) >= MAX_LINKS:
                 self._forget_dead()
                 if len(self._links) >= MAX_LINKS:

@@ -173,6 +173,10 @@ class BaseSubscriber(Generic[T]):
                 return None
 
     def _losses(self) -> None:
+        shm = self._inbox.shm
+        if shm is not None and shm.wants_twins:  # shm: a publisher of another host is heard
+            for prefix in shm.take_twins():
+                self._sock.subscribe(_control.TWIN + prefix)
         losses, self._inbox.losses = self._inbox.losses, []
         hook = self._on_loss
         if hook is not None:

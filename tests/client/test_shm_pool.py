@@ -51,7 +51,7 @@ def test_views_of_a_publisher_killed_with_sigkill_stay_valid() -> None:
     assert not dev_shm() - before  # nothing new (other programs may remove their own)
 
 
-def test_sigkill_of_a_subscriber_releases_its_holds(leakcheck) -> None:  # type: ignore[no-untyped-def]
+def test_sigkill_of_a_subscriber_releases_its_holds(leakcheck: object) -> None:
     before = dev_shm()
     pool = _shm.Pool(16 * 1024 * 1024)
     child = subprocess.Popen([sys.executable, CHILD, "subscriber"], stdin=subprocess.PIPE,
@@ -79,7 +79,7 @@ def test_sigkill_of_a_subscriber_releases_its_holds(leakcheck) -> None:  # type:
     assert not dev_shm() - before  # nothing new (other programs may remove their own)
 
 
-def test_views_are_identical_read_only_and_never_overwritten(leakcheck) -> None:  # type: ignore[no-untyped-def]
+def test_views_are_identical_read_only_and_never_overwritten(leakcheck: object) -> None:
     pool = _shm.Pool(4 * 1024 * 1024)
     res = _shm.Resolver(["cam/**"])
     try:
@@ -105,7 +105,7 @@ def test_views_are_identical_read_only_and_never_overwritten(leakcheck) -> None:
         assert pool.close()
 
 
-def test_a_loan_is_published_without_a_copy_and_given_back_when_dropped(leakcheck) -> None:  # type: ignore[no-untyped-def]
+def test_a_loan_is_published_without_a_copy_and_given_back_when_dropped(leakcheck: object) -> None:
     pool = _shm.Pool(2 * 1024 * 1024)
     res = _shm.Resolver(["**"])
     try:
