@@ -13,8 +13,8 @@ Mechanism (Linux only; elsewhere everything takes the bytes path):
   descriptor's ``host``) can connect; any other is not on the same host.
 - Holds (see _proto/shm.py) are taken, acknowledged and released over that socket. The
   subscriber's views are read-only numpy arrays over its read-only mapping, released when
-  garbage-collected (``weakref.finalize`` on the array that owns the view's memory: every
-  slice or reshape of it keeps that array alive). A subscriber that dies closes its socket,
+  garbage-collected (a weak reference with a callback on the array that owns the view's
+  memory: every slice or reshape of it keeps that array alive). A subscriber that dies closes its socket,
   and the pool releases its holds.
 
 Threads: one per pool (``vbus-shm-<name>``), joined at close. Nothing blocks without a
@@ -604,6 +604,7 @@ class _Link:
         self.closing = False
         self._released: deque[int] = deque()
         self._got: deque[int] = deque()  # received, not yet said
+        self._watched: dict[int, tuple[weakref.ref[Any], int]] = {}  # views -> serials
         self._send_lock = threading.Lock()
 
     def poll(self) -> None:
@@ -654,8 +655,19 @@ class _Link:
         if len(self._got) >= GOT_BATCH:
             self.send_released()
 
+    def watch(self, owner: Any, serial: int) -> None:
+        # A weak reference with a callback: a tenth of weakref.finalize's cost, which matters
+        # thousands of times a second (finalize's registry also feeds the cyclic GC).
+        ref = weakref.ref(owner, self._gone)
+        self._watched[id(ref)] = (ref, serial)  # by id: a ref hashes as its array (unhashable)
+
+    def _gone(self, ref: weakref.ref[Any]) -> None:
+        entry = self._watched.pop(id(ref), None)
+        if entry is not None:
+            self.release(entry[1])
+
     def release(self, serial: int) -> None:
-        # A finalizer: any thread, any moment. Queue, then send if nobody else is sending.
+        # A view's end: any thread, any moment. Queue, then send if nobody else is sending.
         self._released.append(serial)
         self.views -= 1
         self.send_released()
@@ -806,7 +818,7 @@ class Resolver:
             raise
         owner = array.base if isinstance(array.base, _numpy().ndarray) else array
         link.views += 1
-        weakref.finalize(owner, link.release, d.serial)
+        link.watch(owner, d.serial)
         self.received += 1
         return array
 
