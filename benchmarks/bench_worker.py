@@ -22,6 +22,7 @@ needs none: ``subscribe()`` and ``publisher()`` return when ready.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -192,9 +193,25 @@ class VbusTx:
     burst_locked = burst  # a vbus Publisher is thread-safe
 
     def fence(self) -> None:
-        """One last message after a run: the gap before it reveals losses at the run's tail
-        (a subscriber counts a loss when the next message shows the gap)."""
+        """One last message after a run through each of the publisher's lanes: the gap
+        before it reveals losses at the run's tail (a subscriber counts a loss when the next
+        message of that sender shows the gap). Each publishing thread has a lane of its own,
+        so this thread's message covers its lane only; the run's threads have ended, and as
+        many fresh threads, alive together, take (and fence) the other lanes."""
+        lanes = len(getattr(self.pub, "senders", ())) or 1
         self.pub.publish(self.topic, None)
+        if lanes > 1:
+            together = threading.Barrier(lanes - 1)
+
+            def fence_one_lane() -> None:
+                self.pub.publish(self.topic, None)
+                together.wait(10.0)  # alive until every fresh thread has taken its lane
+
+            fencers = [threading.Thread(target=fence_one_lane) for _ in range(lanes - 1)]
+            for t in fencers:
+                t.start()
+            for t in fencers:
+                t.join(15.0)
 
     def dropped_delta(self) -> int | None:
         total = self.pub.stats().dropped
@@ -227,7 +244,30 @@ class VbusRx:
         self.first = None
 
     def pump(self, gap: float, limit: float) -> tuple[int, float, float]:
-        """Receive until ``limit`` messages or ``gap`` s without one; count and time them."""
+        """Receive until ``limit`` messages or ``gap`` s without one; count and time them.
+        With ``recv_batch`` (the public API for floods) every message that is here comes in
+        one call; each message's data is still taken, as a consumer would."""
+        recv_batch = getattr(self.sub, "recv_batch", None)
+        if recv_batch is None:  # a vbus without it (--src of an older checkout)
+            return self._pump_one_by_one(gap, limit)
+        n = 0
+        t_first = t_last = 0.0
+        data = None
+        try:
+            while n < limit:
+                for msg in recv_batch(gap):
+                    data = msg.data
+                    n += 1
+                t_last = now()
+                if not t_first:
+                    t_first = t_last
+        except TimeoutError:
+            pass
+        if n and self.first is None:
+            self.first = data
+        return n, t_first, t_last
+
+    def _pump_one_by_one(self, gap: float, limit: float) -> tuple[int, float, float]:
         recv = self.sub.recv
         n = 0
         t_first = t_last = 0.0
@@ -245,13 +285,17 @@ class VbusRx:
             self.first = data
         return n, t_first, t_last
 
-    def wait_fence(self, timeout: float = 5.0) -> bool:
+    def wait_fence(self, timeout: float = 5.0, rest: float = 0.3) -> bool:
+        """Until the fence arrives, then the other lanes' fences (none for ``rest`` s)."""
         end = now() + timeout
         try:
             while self.sub.recv(timeout=max(end - now(), 0.0)).data is not None:
                 pass
         except TimeoutError:
             return False
+        with contextlib.suppress(TimeoutError):
+            while True:
+                self.sub.recv(timeout=rest)
         return True
 
     def dropped_delta(self) -> int | None:
@@ -1192,6 +1236,140 @@ def flood_role(args: dict[str, Any], stdin: Stdin) -> None:
         env.close()
 
 
+# -- the guarantees check (issue 14, target 4) -----------------------------------------------
+GUARD = "bench/g"
+GUARD_TOPICS = tuple(f"{GUARD}/{name}" for name in ("a", "b/c", "d"))
+GUARD_FENCE = f"{GUARD}/fence"
+
+
+def guard_pub_role(args: dict[str, Any], stdin: Stdin) -> None:
+    """Publishes a flood of counters over three topics in runs of random length (batches and
+    the switches between them), from ``threads`` threads sharing one publisher; then, on
+    request, fences: one message on each topic and a marker, which reveal any loss."""
+    import random
+
+    env = VbusEnv(args["address"])
+    pub = env.bus.publisher()
+    try:
+        say("READY", {"pid": os.getpid()})
+        fences = runs = attempted = 0  # attempted: publish() calls, all of them
+        while True:
+            try:
+                cmd = stdin.get(3600.0)
+            except EOFError:
+                return
+            if cmd["cmd"] == "run":
+                threads, count = int(cmd["threads"]), int(cmd["count"])
+                runs += 1
+
+                def flood(thread: int, count: int = count, run: int = runs) -> None:
+                    rng = random.Random(thread)
+                    index = run * 100 + thread  # the counters of one thread of one run
+                    publish = pub.publish
+                    i = 0
+                    while i < count:
+                        topic = GUARD_TOPICS[rng.randrange(3)]
+                        for _ in range(min(rng.randrange(1, 300), count - i)):
+                            publish(topic, [index, i])
+                            i += 1
+
+                workers = [threading.Thread(target=flood, args=(t,)) for t in range(threads)]
+                for w in workers:
+                    w.start()
+                for w in workers:
+                    w.join()
+                attempted += threads * count
+                say("RESULT", {"sent": threads * count})
+            elif cmd["cmd"] == "fence":
+                # From as many threads at once as the run had: each takes a lane (the
+                # flood's threads have ended, so theirs are free), and every lane's tail is
+                # then followed by a message on each topic.
+                fences += 1
+                fencers = int(cmd["threads"])
+                barrier = threading.Barrier(fencers)
+
+                def fence(_thread: int, round_: int = fences,
+                          barrier: threading.Barrier = barrier) -> None:
+                    barrier.wait(10.0)
+                    for topic in GUARD_TOPICS:
+                        pub.publish(topic, [-1, round_])
+                    pub.publish(GUARD_FENCE, round_)
+
+                workers = [threading.Thread(target=fence, args=(t,)) for t in range(fencers)]
+                for w in workers:
+                    w.start()
+                for w in workers:
+                    w.join()
+                attempted += fencers * (len(GUARD_TOPICS) + 1)
+                say("FENCED", {"round": fences, "attempted": attempted,
+                               "lanes": len(pub.senders), "pub_dropped": pub.stats().dropped})
+    finally:
+        pub.close()
+        env.close()
+
+
+def guard_sub_role(args: dict[str, Any], stdin: Stdin) -> None:
+    """Receives the flood with a small queue and pauses now and then (so that it loses at its
+    queue), checking that each publishing thread's counters only grow, across topics. Asked
+    to check a fence round: whether all of that round came (then every message before it is
+    received or counted lost), and the counts."""
+    env = VbusEnv(args["address"])
+    sub = env.bus.subscribe(f"{GUARD}/**", hwm=int(args.get("hwm", 16)))
+    pause_every = int(args.get("pause_every", 30_000))
+    last: dict[int, int] = {}
+    fence_parts: dict[int, int] = {}
+    first_seq: dict[tuple[str, str], int] = {}
+    counts = {"received": 0, "disorder": 0, "before_first": 0}
+
+    def take(timeout: float) -> None:
+        try:
+            batch = sub.recv_batch(timeout)
+        except TimeoutError:
+            return
+        for msg in batch:
+            counts["received"] += 1
+            stream = (msg.sender, msg.topic)
+            if stream not in first_seq:
+                # A subscriber counts losses from the first message it sees of a stream
+                # (it cannot tell a late join from a loss); these publishers started after
+                # it subscribed, at seq 1, so what came before is known lost too.
+                first_seq[stream] = msg.seq
+                counts["before_first"] += msg.seq - 1
+            if msg.topic == GUARD_FENCE:
+                fence_parts[msg.data] = fence_parts.get(msg.data, 0) + 1
+                continue
+            index, i = msg.data
+            if index < 0:  # a fence's message on a data topic
+                fence_parts[i] = fence_parts.get(i, 0) + 1
+            else:
+                if i <= last.get(index, -1):
+                    counts["disorder"] += 1
+                last[index] = i
+            if counts["received"] % pause_every == 0:
+                time.sleep(0.02)  # a slow consumer: its queue overflows meanwhile
+
+    try:
+        say("READY", {"pid": os.getpid()})
+        while True:
+            try:
+                cmd = stdin.poll(0.0)
+            except EOFError:
+                return
+            if cmd is None or cmd["cmd"] != "check":
+                take(0.01)
+                continue
+            want = int(cmd["round"])
+            parts = int(cmd["fencers"]) * (len(GUARD_TOPICS) + 1)
+            end = now() + 2.0
+            while fence_parts.get(want, 0) < parts and now() < end:
+                take(0.05)
+            say("CHECKED", {"complete": fence_parts.get(want, 0) == parts,
+                            "dropped": sub.stats().dropped, **counts})
+    finally:
+        sub.close()
+        env.close()
+
+
 ROLES = {
     "broker": broker_role,
     "proxy": proxy_role,
@@ -1203,6 +1381,8 @@ ROLES = {
     "latency-embedded": latency_embedded_role,
     "stalled-sub": stalled_sub_role,
     "flood": flood_role,
+    "guard-pub": guard_pub_role,
+    "guard-sub": guard_sub_role,
 }
 
 

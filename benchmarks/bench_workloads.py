@@ -380,6 +380,7 @@ def memory(cfg: Config, log: Log) -> list[dict[str, Any]]:
             pub.expect("READY", 60)
             pids = {"publisher": pub.pid, "broker": broker_pid, "subscriber": sub.pid}
             peak = dict.fromkeys(pids, 0)
+            start = {role: proc_status_kib(pid) or 0 for role, pid in pids.items()}
             pub.send(cmd="run", duration=cfg.memory_duration)
             t0 = time.monotonic()
             capped_at = None
@@ -409,6 +410,7 @@ def memory(cfg: Config, log: Log) -> list[dict[str, Any]]:
                 "label": label,
                 "hwm": hwm,
                 "peak_rss_mib": {role: kib / 1024 for role, kib in peak.items()},
+                "start_rss_mib": {role: kib / 1024 for role, kib in start.items()},
                 "capped_after_s": capped_at,
                 "cap_gib": cap / 2**30,
                 **result,
@@ -417,6 +419,51 @@ def memory(cfg: Config, log: Log) -> list[dict[str, Any]]:
                 f"{role} {mib:.0f} MiB" for role, mib in outcome["peak_rss_mib"].items()
             ) + f"; sent {result['sent']} in {result['elapsed']:.1f} s, publisher dropped "
                 f"{result['dropped']}")
+            outcomes.append(outcome)
+    return outcomes
+
+
+# -- the guarantees (issue 14, target 4) ------------------------------------------------------
+def guarantees(cfg: Config, log: Log, count: int = 120_000) -> list[dict[str, Any]]:
+    """Order across topics and exact loss accounting under loss, over tcp through a standalone
+    broker: a flood of counters over three topics (runs of random length) from 1 and from 4
+    threads sharing one publisher, at a subscriber with a small queue that pauses now and
+    then. Fence rounds (a message on each topic, then a marker) end each run: once a round
+    has come whole, every message before it was received or counted lost."""
+    outcomes = []
+    with children() as kids:
+        # Small queues everywhere (batches count one each): the pauses overflow them.
+        address = start_vbus_broker("tcp", cfg, kids, hwm=16)
+        sub = Child("guard-sub", {"address": address, "hwm": 16}, name="guard-sub")
+        kids.append(sub)
+        sub.expect("READY", 60)
+        pub = Child("guard-pub", {"address": address}, name="guard-pub")
+        kids.append(pub)
+        pub.expect("READY", 60)
+        for threads in (1, 4):
+            pub.send(cmd="run", threads=threads, count=count // threads)
+            sent = pub.expect("RESULT", 120)["sent"]
+            for _ in range(10):
+                pub.send(cmd="fence", threads=threads)
+                fenced = pub.expect("FENCED", 30)
+                sub.send(cmd="check", round=fenced["round"], fencers=threads)
+                checked = sub.expect("CHECKED", 30)
+                if checked["complete"]:
+                    break
+            attempted = int(fenced["attempted"])
+            accounted = (int(checked["received"]) + int(checked["dropped"])
+                         + int(checked["before_first"]))
+            outcome = {
+                "threads": threads, "sent": sent, "attempted": attempted,
+                "received": checked["received"], "dropped": checked["dropped"],
+                "pub_dropped": fenced["pub_dropped"], "disorder": checked["disorder"],
+                "lanes": fenced["lanes"], "before_first": checked["before_first"],
+                "fenced": bool(checked["complete"]), "exact": attempted == accounted,
+            }
+            log(f"  guarantees x{threads}: {attempted} published in all (cumulative), "
+                f"{checked['received']} received + {checked['dropped']} counted lost + "
+                f"{checked['before_first']} lost before a stream's first message = "
+                f"{accounted}; out of order {checked['disorder']}")
             outcomes.append(outcome)
     return outcomes
 

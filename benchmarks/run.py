@@ -2,8 +2,8 @@
 
     python benchmarks/run.py [--quick] [--only NAME[,NAME...]] [--runs N] [--messages N]
 
-Writes benchmarks/results.md (the table, the targets of issue 5, the machine) and
-results.json next to it. ``vbus bench`` loads this file and calls ``main(argv)``.
+Writes benchmarks/results.md (the table, the targets of issue 14 with ratios and verdicts,
+the machine) and results.json next to it. ``vbus bench`` loads this file and calls ``main(argv)``.
 See docs/performance.md for what each workload measures.
 """
 
@@ -41,6 +41,7 @@ from bench_workloads import (  # noqa: E402
     ORDER,
     Config,
     Row,
+    guarantees,
     latency,
     memory,
     throughput,
@@ -59,6 +60,7 @@ WORKLOADS: dict[str, Any] = {
     "latency-tcp": lambda c, log: latency("latency", "tcp", c, log),
     "fanout-tcp": lambda c, log: throughput("fanout", "tcp", [B64], c, log, nsubs=4),
     "threads-tcp": lambda c, log: throughput("threads", "tcp", [B64], c, log, threads=(1, 4)),
+    "guarantees": None,  # special: its own section
     "memory": None,  # special: its own section
     "shm": None,  # special: bench_shm.py (shared memory, issue 17), its own section
 }
@@ -71,7 +73,8 @@ DESCRIPTIONS = {
     "latency": "64 B ping-pong, one-way = round trip / 2",
     "fanout": "64 B to 4 subscriber processes",
     "threads": "64 B, 4 threads sharing one publisher vs 1 thread",
-    "memory": "stalled subscriber, 16 MiB frames: peak RSS (target 5)",
+    "guarantees": "order across topics and exact loss accounting under loss (1 and 4 threads)",
+    "memory": "stalled subscriber, 16 MiB frames: peak RSS (bounded memory)",
     "shm": "1 and 16 MiB frames between processes on one host: vbus shm, raw pyzmq, Zenoh shm",
     "profile": "py-spy profile of the vbus 64 B brokered tcp path",
 }
@@ -173,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
                 "pip install 'vbus[bench]'") + ")")
         rows: list[Row] = []
         mem: list[dict[str, Any]] | None = None
+        guard: list[dict[str, Any]] | None = None
         profile_text: str | None = None
         shm_text: str | None = None
         failures: list[str] = []
@@ -181,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 if name == "memory":
                     mem = memory(cfg, log)
+                elif name == "guarantees":
+                    guard = guarantees(cfg, log)
                 elif name == "shm":
                     import bench_shm
 
@@ -201,14 +207,17 @@ def main(argv: list[str] | None = None) -> int:
                 failures.append(f"{name}: {exc}")
                 print(f"bench: {name} failed: {exc}", file=sys.stderr, flush=True)
         elapsed = time.monotonic() - started
-        targets = evaluate(rows, mem)
-        report = render(rows, mem, targets, info, cfg, argv, elapsed, failures)
+        targets = evaluate(rows, mem, guard)
+        report = render(rows, mem, targets, info, cfg, argv, elapsed, failures, guard)
         if rows:
             print()
             print(render_table(rows))
         if targets:
             print()
             print(render_targets(targets))
+        if guard:
+            print()
+            print(render_guarantees(guard))
         if mem:
             print()
             print(render_memory(mem))
@@ -224,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         args.output.write_text(report)
         args.output.with_suffix(".json").write_text(json.dumps(
             {"machine": info, "argv": argv, "elapsed_s": elapsed, "rows": [_row_json(r) for r in
-             rows], "memory": mem, "targets": targets, "failures": failures},
+             rows], "memory": mem, "guarantees": guard, "targets": targets,
+             "failures": failures},
             indent=1, default=str))
         print(f"\nwrote {args.output} and {args.output.with_suffix('.json').name} "
               f"({elapsed:.0f} s)")
@@ -277,41 +287,89 @@ def _verdict(ok: bool | None) -> str:
     return "n/a" if ok is None else "met" if ok else "UNMET"
 
 
-def evaluate(rows: list[Row], mem: list[dict[str, Any]] | None) -> list[dict[str, str]]:
-    """Every target of issue 5 that this run measured, with its ratio and verdict."""
+QUEUE_BOUND_MIB = 256  # DESIGN.md: a stalled subscriber costs each process this much at most
+FRAME_MIB = 16
+
+
+def evaluate(rows: list[Row], mem: list[dict[str, Any]] | None,
+             guard: list[dict[str, Any]] | None = None) -> list[dict[str, str]]:
+    """Every target of issue 14 that this run measured (then issue 5's frame targets), with
+    its ratio and verdict. Ratios are medians of the same run."""
     out: list[dict[str, str]] = []
 
     def add(target: str, measured: str, ok: bool | None) -> None:
         out.append({"target": target, "measured": measured, "verdict": _verdict(ok)})
 
-    r = _find(rows, "throughput", "tcp", "64 B")
-    if r:
-        vr = ratio(r.median("vbus"), r.median("raw"))
-        add("1. 64 B via standalone broker, tcp: vbus >= 1.5x raw via zmq.proxy",
-            f"{fmt_ratio(vr)}; vbus lost {r.losses.get('vbus')}", None if vr is None else
-            vr >= 1.5)
-        if "zenoh" in r.figures:
-            vz = ratio(r.median("vbus"), r.median("zenoh"))
-            add("1. 64 B via standalone broker, tcp: vbus >= 1.0x Zenoh peer-to-peer",
-                fmt_ratio(vz), None if vz is None else vz >= 1.0)
-    for topo, label in (("tcp", "standalone broker, tcp"), ("ipc", "standalone broker, ipc"),
-                        ("embedded", "embedded, in one process")):
+    for topo, label in (("tcp", "tcp via a standalone broker"),
+                        ("ipc", "ipc via a standalone broker"),
+                        ("embedded", "in one process")):
         r = _find(rows, "latency", topo, "64 B one-way latency p50")
         if r:
             vr = ratio(r.median("vbus"), r.median("raw"))
-            add(f"2. latency p50, {label}: vbus <= 1.2x raw",
+            add(f"14.1 one-way latency p50, {label}: vbus <= 1.2x raw pyzmq",
                 f"{fmt_ratio(vr)} ({fmt_num(r.median('vbus'), 'us')} vs "
                 f"{fmt_num(r.median('raw'), 'us')} us)", None if vr is None else vr <= 1.2)
+    r = _find(rows, "throughput", "tcp", "64 B")
+    if r:
+        vr = ratio(r.median("vbus"), r.median("raw"))
+        add("14.2 64 B delivered, tcp via a standalone broker: vbus >= 1.5x raw via zmq.proxy",
+            f"{fmt_ratio(vr)} ({fmt_num(r.median('vbus'), 'msg/s')} vs "
+            f"{fmt_num(r.median('raw'), 'msg/s')} msg/s)", None if vr is None else vr >= 1.5)
+        if "zenoh" in r.figures:
+            vz = ratio(r.median("vbus"), r.median("zenoh"))
+            add("14.2 64 B delivered, tcp: vbus >= 1.0x Zenoh peer-to-peer",
+                f"{fmt_ratio(vz)} (Zenoh {fmt_num(r.median('zenoh'), 'msg/s')} msg/s)",
+                None if vz is None else vz >= 1.0)
+    one = _find(rows, "threads", "tcp", "64 B, 1 publisher thread")
+    four = _find(rows, "threads", "tcp", "64 B, 4 publisher threads")
+    if one and four:
+        pub_ratio = ratio(_msgs(four, "vbus", "publish_per_s"), _msgs(one, "vbus",
+                                                                      "publish_per_s"))
+        got_ratio = ratio(four.median("vbus"), one.median("vbus"))
+        add("14.3 4 threads sharing one publisher publish >= 0.8x one thread",
+            f"published {fmt_ratio(pub_ratio)}, delivered {fmt_ratio(got_ratio)}",
+            None if pub_ratio is None else pub_ratio >= 0.8)
+    # 14.4: the guarantees, in the runs themselves
+    vbus_runs = [run for row in rows if row.workload in ("throughput", "threads", "fanout",
+                                                         "frames")
+                 for run in row.extra.get("vbus", {}).get("runs", [])]
+    if vbus_runs:
+        lost = sum(run["lost"] for run in vbus_runs)
+        counted = sum(run["counted"] or 0 for run in vbus_runs)
+        exact = all(run["counted"] == run["lost"] for run in vbus_runs)
+        add("14.4 exact loss accounting in every vbus throughput run (sent - received = "
+            "counted)", f"{len(vbus_runs)} runs: lost {lost}, counted {counted}", exact)
+    if guard:
+        disorder = sum(g["disorder"] for g in guard)
+        add("14.4 order across topics, per publishing thread (1 and 4 threads, with losses)",
+            f"{sum(g['received'] for g in guard)} received, {disorder} out of order", disorder == 0)
+        exact = all(g["exact"] and g["fenced"] for g in guard)
+        add("14.4 exact loss accounting under loss (received + counted + lost before a "
+            "stream's first message = published)",
+            "; ".join(f"x{g['threads']}: {g['received']} + {g['dropped']} + "
+                      f"{g['before_first']} of {g['attempted']}" for g in guard), exact)
+    if mem:
+        for m in mem:
+            growth = {k: m["peak_rss_mib"][k] - m.get("start_rss_mib", {}).get(k, 0.0)
+                      for k in m["peak_rss_mib"]}
+            worst = max(growth.values())
+            limit = QUEUE_BOUND_MIB + 2 * FRAME_MIB  # the bound, and a frame on each side
+            text = ", ".join(f"{k} +{v:.0f} MiB" for k, v in growth.items())
+            if m["capped_after_s"] is not None:
+                text = f"grew past the {m['cap_gib']:.1f} GiB safety cap ({text})"
+            add(f"14.4 bounded memory, {m['label']}: each process grows <= {limit} MiB",
+                f"{text} after {m['elapsed']:.0f} s", m["capped_after_s"] is None and
+                worst <= limit)
     small = _find(rows, "frames", "embedded", "1 KiB")
     big = _find(rows, "frames", "embedded", "16 MiB")
     if small and big:
         cost_small, cost_big = _msgs(small, "vbus"), _msgs(big, "vbus")
         zero_copy = all(run.get("zero_copy") for run in big.extra["vbus"]["runs"])
         rel = ratio(cost_small, cost_big)  # (1/big) / (1/small)
-        add("3. in one process a numpy frame arrives without a copy",
+        add("5.3 in one process a numpy frame arrives without a copy",
             "shares the publisher's memory" if zero_copy else "copied", zero_copy)
         raw_rel = ratio(_msgs(small, "raw"), _msgs(big, "raw"))
-        add("3. in one process a 16 MiB frame costs <= 2x a 1 KiB one",
+        add("5.3 in one process a 16 MiB frame costs <= 2x a 1 KiB one",
             f"{fmt_ratio(rel)} ({_us(cost_big)} vs {_us(cost_small)} per message; raw pyzmq "
             f"copy=False: {fmt_ratio(raw_rel)})", None if rel is None else rel <= 2.0)
     for topo in ("ipc", "tcp"):
@@ -319,29 +377,8 @@ def evaluate(rows: list[Row], mem: list[dict[str, Any]] | None) -> list[dict[str
             r = _find(rows, "frames", topo, size)
             if r:
                 vr = ratio(r.median("vbus"), r.median("raw"))
-                add(f"3. {size} frames across processes, {topo}: vbus >= 0.9x raw copy=False",
+                add(f"5.3 {size} frames across processes, {topo}: vbus >= 0.9x raw copy=False",
                     fmt_ratio(vr), None if vr is None else vr >= 0.9)
-    one = _find(rows, "threads", "tcp", "64 B, 1 publisher thread")
-    four = _find(rows, "threads", "tcp", "64 B, 4 publisher threads")
-    if one and four:
-        pub_ratio = ratio(_msgs(four, "vbus", "publish_per_s"), _msgs(one, "vbus",
-                                                                      "publish_per_s"))
-        got_ratio = ratio(four.median("vbus"), one.median("vbus"))
-        add("4. 4 publisher threads sharing one publisher: aggregate >= 0.8x one thread",
-            f"published {fmt_ratio(pub_ratio)}, delivered {fmt_ratio(got_ratio)}",
-            None if pub_ratio is None else pub_ratio >= 0.8)
-    if mem:
-        for m in mem:
-            peaks = ", ".join(f"{k} {v:.0f} MiB" for k, v in m["peak_rss_mib"].items())
-            total = sum(m["peak_rss_mib"].values())
-            if m["capped_after_s"] is not None:
-                add(f"5. memory bounded, {m['label']}",
-                    f"grew past the {m['cap_gib']:.1f} GiB safety cap after "
-                    f"{m['capped_after_s']:.1f} s ({peaks})", False)
-            else:
-                add(f"5. memory bounded, {m['label']}",
-                    f"{peaks} after {m['elapsed']:.0f} s (no bound documented yet; flagged "
-                    f"above {MEMORY_FLAG_MIB} MiB in all)", total <= MEMORY_FLAG_MIB)
     return out
 
 
@@ -350,8 +387,23 @@ def _us(msg_per_s: float | None) -> str:
 
 
 def render_targets(targets: list[dict[str, str]]) -> str:
-    lines = ["| target (issue 5) | measured | verdict |", "|---|---|---|"]
+    lines = ["| target (issue 14; 5.x: issue 5) | measured | verdict |", "|---|---|---|"]
     lines += [f"| {t['target']} | {t['measured']} | {t['verdict']} |" for t in targets]
+    return "\n".join(lines)
+
+
+def render_guarantees(guard: list[dict[str, Any]]) -> str:
+    lines = [
+        "| publishing threads (lanes) | published (cumulative) | received | counted lost "
+        "(stats().dropped) | lost before a stream's first message | dropped by the publisher "
+        "| out of order | all accounted |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for g in guard:
+        lines.append(
+            f"| {g['threads']} ({g['lanes']}) | {g['attempted']} | {g['received']} | "
+            f"{g['dropped']} | {g['before_first']} | {g['pub_dropped']} | {g['disorder']} | "
+            f"{'yes' if g['exact'] else 'NO'} |")
     return "\n".join(lines)
 
 
@@ -374,7 +426,7 @@ def render_memory(mem: list[dict[str, Any]]) -> str:
 
 def render(rows: list[Row], mem: list[dict[str, Any]] | None, targets: list[dict[str, str]],
            info: dict[str, str], cfg: Config, argv: list[str] | None, elapsed: float,
-           failures: list[str]) -> str:
+           failures: list[str], guard: list[dict[str, Any]] | None = None) -> str:
     cmd = "python benchmarks/run.py" + ("" if not argv else " " + " ".join(argv))
     when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     parts = [
@@ -410,8 +462,15 @@ def render(rows: list[Row], mem: list[dict[str, Any]] | None, targets: list[dict
     ]
     if targets:
         parts += ["## Targets", "", render_targets(targets), ""]
+    if guard:
+        parts += ["## Guarantees (issue 14, target 4)", "",
+                  "A flood of counters over three topics (runs of random length) through a "
+                  "standalone broker over tcp, from 1 and then 4 threads sharing one "
+                  "publisher, at a subscriber with a small queue that pauses now and then; "
+                  "fence rounds end each run. Counts are cumulative over the runs.", "",
+                  render_guarantees(guard), ""]
     if mem:
-        parts += ["## Memory (target 5)", "",
+        parts += ["## Memory (bounded)", "",
                   "A publisher floods fresh 16 MiB frames (every page written) at a subscriber "
                   "that never receives, through a standalone broker over tcp. Peak RSS (VmHWM) "
                   "of each process.", "", render_memory(mem), ""]

@@ -31,15 +31,16 @@ import zmq
 from . import _requests, _shm
 from ._broker.forwarder import MAX_MESSAGE_SIZE, Broker
 from ._context import ContextKeeper
-from ._errors import Closed, ConnectError, VbusError
+from ._errors import AddressError, Closed, ConnectError, VbusError
 from ._flusher import Flusher
 from ._handshake import connect_publisher, connect_subscriber, probe
 from ._loop import BackgroundLoop
 from ._message import Message
 from ._proto import control as _control
 from ._proto import shm as _shm_proto
-from ._proto.endpoints import AddressError, Endpoints, is_loopback, parse_address
+from ._proto.endpoints import Endpoints, is_loopback, parse_address
 from ._proto.limits import DEFAULT_MAX_QUEUE_BYTES, effective_hwm
+from ._proto.outbox import Outbox
 from ._proto.topics import compile_pattern
 from ._publisher import (
     LINGER,
@@ -63,7 +64,14 @@ from ._subscriber import (
     Subscriber,
     SubscriberStats,
 )
-from ._threads import Deadline, block_signals, build_uninterrupted, join
+from ._threads import (
+    DEFAULT_TIMEOUT,
+    Deadline,
+    block_signals,
+    build_uninterrupted,
+    current_in,
+    join,
+)
 from ._waker import Waker
 
 log = logging.getLogger("vbus")
@@ -71,8 +79,10 @@ log = logging.getLogger("vbus")
 T = TypeVar("T")
 Callback = Callable[[Message], Any]
 S = TypeVar("S", bound=BaseSubscriber[Any])
+P = TypeVar("P", bound=Publisher)
+Child = Publisher | BaseSubscriber[Any]
+C = TypeVar("C", bound=Child)
 
-DEFAULT_TIMEOUT = 5.0
 BATCH_DELAY = 0.0005
 EXIT_CLOSE_TIMEOUT = 1.0
 _START_TIMEOUT = 10.0
@@ -155,7 +165,7 @@ class _Core:
         self.state = _State.OPEN
         self.closer: int | None = None  # the thread inside close()
         self.closed_event = threading.Event()
-        self.children: set[Publisher | BaseSubscriber[Any]] = set()
+        self.children: set[Child] = set()
         self.callback_threads: list[threading.Thread] = []
         self.loop: BackgroundLoop | None = None
         self.reporter: Publisher | None = None
@@ -165,11 +175,11 @@ class _Core:
         # Woken when close() begins: handshakes under way (subscribe(), publisher() in other
         # threads) wait on it too; closed by the last of them once the bus is closed.
         self.closing = Waker()
-        self.handshakes = 0
+        self.handshakes: set[object] = set()  # a token per handshake under way
         self.done = False  # everything stopped and joined: nothing left for a second close
 
     # -- the Owner protocols ------------------------------------------------------------------
-    def _forget(self, child: Any) -> None:
+    def _forget(self, child: Child) -> None:
         with self.lock:
             self.children.discard(child)
 
@@ -213,7 +223,7 @@ class _Core:
             raise Closed("the bus is closed" if self.state is not _State.FORKED else
                          "the bus belongs to the parent process (fork)")
 
-    def adopt(self, child: Any) -> Any:
+    def adopt(self, child: C) -> C:
         with self.lock:
             if self.state is _State.OPEN:
                 self.children.add(child)
@@ -227,41 +237,55 @@ class _Core:
     @contextlib.contextmanager
     def handshake(self) -> Iterator[Waker]:
         """Around a readiness wait: the waker close() fires, kept open while it is used."""
-        with self.lock:
-            self.check_open()
-            self.handshakes += 1
+        # A token added inside the try (one C call): Ctrl-C anywhere before it adds nothing,
+        # anywhere after it reaches the finally. A counter incremented before the try had a
+        # window in which an interrupt left it one too high, and the waker was never closed.
+        token = object()
         try:
+            with self.lock:
+                self.check_open()
+                self.handshakes.add(token)
             yield self.closing
         finally:
             with self.lock:
-                self.handshakes -= 1
+                self.handshakes.discard(token)
                 if not self.handshakes and self.state is not _State.OPEN:
                     self.closing.close()
 
-    def new_outbox(self, batch_delay: float | None = None) -> Any:
-        return new_outbox(
+    def new_outbox(self, batch_delay: float | None = None) -> Outbox:
+        outbox = new_outbox(
             batch_delay=self.batch_delay if batch_delay is None else batch_delay,
             chunk=self.chunk,
             inflight_limit=self.max_queue_bytes or DEFAULT_MAX_QUEUE_BYTES,
         )
-
-    def publisher(self, cls: type[Publisher]) -> Any:
-        self.check_open()
-        assert self.endpoints is not None
-        with self.handshake() as closing:
-            sock = connect_publisher(self.context, self.endpoints.publish, self.timeout,
-                                     effective_hwm(self.hwm, self.max_queue_bytes),
-                                     self.configure, closing)
-        linger = LINGER if self.endpoints.is_network else 0.0
-        outbox = self.new_outbox()
         if self.shm_pool_bytes != 0 and self.chunk and _shm.AVAILABLE:  # shm: on first use
+            assert self.endpoints is not None
             endpoint, configure = self.endpoints.subscribe, self.configure
             # By default the pool fits in the bus's byte bound, as every queue does.
             size = self.shm_pool_bytes or min(_shm_proto.DEFAULT_POOL_BYTES,
                                               self.max_queue_bytes or DEFAULT_MAX_QUEUE_BYTES)
             outbox.shm = _shm.Placer(max(size, _shm_proto.MIN_POOL_BYTES), lambda: (
                 _shm.TwinWatcher(self.context, endpoint, configure)))
-        return self.adopt(cls(sock, outbox, owner=self, linger=linger))
+        return outbox
+
+    def publisher(self, cls: type[P]) -> P:
+        sock, linger = self.publisher_socket()
+        return self.adopt(cls(sock, self.new_outbox(), owner=self, linger=linger,
+                              lanes=self.lane))
+
+    def lane(self) -> Publisher:
+        """Another publishing thread's lane of a publisher (closed by that publisher)."""
+        sock, linger = self.publisher_socket()
+        return Publisher(sock, self.new_outbox(), owner=self, linger=linger)
+
+    def publisher_socket(self) -> tuple[zmq.Socket[bytes], float]:
+        self.check_open()
+        assert self.endpoints is not None
+        with self.handshake() as closing:
+            sock = connect_publisher(self.context, self.endpoints.publish, self.timeout,
+                                     effective_hwm(self.hwm, self.max_queue_bytes),
+                                     self.configure, closing)
+        return sock, LINGER if self.endpoints.is_network else 0.0
 
     def subscribe(self, cls: type[S], pattern: str, type: Any, hwm: int | None,
                   on_loss: LossHook | None, max_queue_bytes: int | None,
@@ -287,7 +311,7 @@ class _Core:
         except BaseException:
             sock.close(0)
             raise
-        return self.adopt(sub)  # type: ignore[no-any-return]
+        return self.adopt(sub)
 
     def ensure_loop(self) -> BackgroundLoop:
         with self.lock:
@@ -297,10 +321,11 @@ class _Core:
             return self.loop
 
     def in_own_thread(self) -> bool:
-        current = threading.current_thread()
+        # By ident, not threading.current_thread(): that would register a dummy Thread for
+        # a QThread (see _threads.is_current).
         loop = self.loop
-        return (current in self.callback_threads or (loop is not None and loop.in_loop_thread)
-                or _requests.in_own_thread(self))
+        return (current_in(self.callback_threads)
+                or (loop is not None and loop.in_loop_thread) or _requests.in_own_thread(self))
 
     # -- shutdown -----------------------------------------------------------------------------
     def close(self, timeout: float) -> None:
@@ -540,13 +565,11 @@ class Bus:
     # -- publishing -------------------------------------------------------------------------
     def publisher(self) -> Publisher:
         """A thread-safe publisher, returned once the broker accepts its messages."""
-        pub: Publisher = self._core.publisher(Publisher)
-        return pub
+        return self._core.publisher(Publisher)
 
     def async_publisher(self) -> AsyncPublisher:
         """An asyncio publisher, returned once the broker accepts its messages."""
-        pub: AsyncPublisher = self._core.publisher(AsyncPublisher)
-        return pub
+        return self._core.publisher(AsyncPublisher)
 
     # -- subscribing ------------------------------------------------------------------------
     @overload

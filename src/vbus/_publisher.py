@@ -27,16 +27,23 @@ from ._errors import Closed
 from ._proto import wire as _wire
 from ._proto.outbox import Outbox, Send
 from ._proto.topics import topic_prefix, validate_topic
+from ._threads import Deadline
 
 _PREFIX_CACHE_LIMIT = 4096
 _DRAIN_EVERY = 256
 LINGER = 0.25
+MAX_LANES = 16
+"""Lanes (sockets) of one Publisher at most; more publishing threads than that share them."""
+_wall = time.time
+# Plain ints: pyzmq's flag enums cost a Python-level Flag.__or__/__and__ at each use.
+_NOBLOCK = int(zmq.NOBLOCK)
+_NOBLOCK_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
 
 
 class PublisherOwner(Protocol):
     """What a publisher needs of the bus that made it."""
 
-    def _forget(self, child: Any) -> None: ...
+    def _forget(self, child: Publisher) -> None: ...
     def _socket_closed(self) -> None: ...
     def _batch_started(self, publisher: Publisher, due: float) -> None: ...
 
@@ -54,10 +61,21 @@ class PublisherStats(msgspec.Struct, frozen=True):
 
 
 class Publisher:
-    """Publishes to the bus. Thread-safe; ``publish`` never blocks."""
+    """Publishes to the bus. Thread-safe; ``publish`` never blocks.
+
+    Each publishing thread gets a *lane* of its own: a socket and an outbox, so that threads
+    never hand a lock to one another (under the GIL, that hand-off costs more than the
+    publish). The first thread that publishes uses the publisher's own socket, made by
+    ``bus.publisher()``; each other thread's first publish makes its lane (a handshake with
+    the broker, once per thread: lanes of threads that ended are reused), up to MAX_LANES,
+    after which threads share lanes. A lane is a sender of its own: ``Message.sender`` names
+    the lane a message went through (``pub.id`` for the first publishing thread, one of
+    ``pub.senders`` for others), and order holds per publishing thread, across its topics.
+    """
 
     def __init__(self, sock: zmq.Socket[bytes], outbox: Outbox, *,
-                 owner: PublisherOwner | None = None, linger: float = LINGER) -> None:
+                 owner: PublisherOwner | None = None, linger: float = LINGER,
+                 lanes: Callable[[], Publisher] | None = None) -> None:
         self._sock = sock
         self._outbox = outbox
         self._owner = owner
@@ -68,11 +86,29 @@ class Publisher:
         self._closed = False
         self._close_requested = False
         self._dead = False  # after fork, in the child: nothing may touch the socket
+        # Any of the three: the one flag that publish() looks at, before and under the lock.
+        self._halted = False
+        # Lanes: each publishing thread's, found in ``_local`` (per thread, so a new thread
+        # that reuses an ended one's ident never finds the old entry); ``_make_lane`` (None
+        # for a lane itself, and after close) makes another thread's.
+        self._local = threading.local()
+        self._make_lane = lanes
+        self._lanes: list[Publisher] = []  # made for other threads, closed by close()
+        self._users: list[tuple[threading.Thread, Publisher]] = []  # which thread has which
+        self._lanes_lock = threading.Lock()
+        self._lanes_making = 0  # handshakes under way for new lanes (they count to the bound)
 
     @property
     def id(self) -> str:
-        """The sender id that subscribers see in ``Message.sender``."""
+        """The sender id that subscribers see in ``Message.sender``: of this publisher's own
+        lane, the first thread's that published (other threads': ``senders``)."""
         return self._outbox.sender.hex()
+
+    @property
+    def senders(self) -> tuple[str, ...]:
+        """Every sender id this publisher's messages carry: ``id`` first, then one per lane
+        that other publishing threads use."""
+        return (self.id, *(lane.id for lane in list(self._lanes)))
 
     @property
     def closed(self) -> bool:
@@ -82,42 +118,111 @@ class Publisher:
         """Publish ``data`` on ``topic``; with ``retain`` the broker keeps it as the topic's
         last value for subscribers that join later. Raises TopicError or EncodeError before
         anything is sent, Closed after close()."""
-        self._publish(topic, data, retain)
-
-    def clear_retained(self, topic: str) -> None:
-        """Forget the retained value of ``topic`` at the broker."""
-        prefix = self._prefixes.get(topic) or self._learn(topic)
-        self._run(lambda: self._outbox.clear_retained(prefix))
-
-    def _publish(self, topic: str, data: Any, retain: bool) -> None:
+        # The hot path: one call into the outbox under the lock, one flag before and under it.
+        try:
+            lane = self._local.lane
+        except AttributeError:
+            lane = self._lane()
+        if lane is not self:
+            Publisher.publish(lane, topic, data, retain=retain)
+            return
         prefix = self._prefixes.get(topic)
         if prefix is None:
             prefix = self._learn(topic)
-        if self._dead:
+        if self._halted and self._dead:
             raise Closed("publisher belongs to the parent process (fork)")
         outbox = self._outbox
-        with self._lock:
-            if self._closed or self._close_requested:
+        lock = self._lock
+        lock.acquire()  # not ``with``: its __enter__/__exit__ calls cost more than the rest
+        try:
+            if self._halted:
                 self._closed_under_lock()
-            sends = outbox.publish(topic, prefix, data, retain, time.time())
+            sends = outbox.publish(topic, prefix, data, retain, _wall())
             if sends:
                 self._transmit(sends)
             if outbox.batch_started:
-                outbox.batch_started = False
-                due = outbox.due()
-                if due is not None and self._owner is not None:
-                    self._owner._batch_started(self, due)
+                self._batch_started()
+        finally:
+            lock.release()
+
+    def clear_retained(self, topic: str) -> None:
+        """Forget the retained value of ``topic`` at the broker."""
+        lane = self._lane()
+        prefix = lane._prefixes.get(topic) or lane._learn(topic)
+        lane._run(lambda: lane._outbox.clear_retained(prefix))
+
+    # -- lanes ----------------------------------------------------------------------------
+    def _lane(self) -> Publisher:
+        """The calling thread's lane (this publisher itself for the first thread)."""
+        local = self._local
+        try:
+            lane: Publisher = local.lane
+        except AttributeError:
+            lane = local.lane = self if self._make_lane is None else self._new_thread()
+        return lane
+
+    def _new_thread(self) -> Publisher:
+        # A thread's first publish: a free lane (this publisher's own socket first), a new
+        # one, or past MAX_LANES the least shared one. A thread keeps its lane while it runs,
+        # so its messages keep their order.
+        if self._dead:  # after fork, in the child: the lock may have been held at the fork
+            return self  # (whose publish then raises Closed)
+        thread = threading.current_thread()
+        with self._lanes_lock:
+            if self._make_lane is None:  # closed (or closing) meanwhile
+                return self
+            self._users = [(t, lane) for t, lane in self._users if t.is_alive()]
+            users: dict[int, int] = {}  # id(lane): threads that have it
+            for _, lane in self._users:
+                users[id(lane)] = users.get(id(lane), 0) + 1
+            lanes = (self, *self._lanes)
+            chosen = next((lane for lane in lanes if id(lane) not in users), None)
+            if chosen is None and len(lanes) + self._lanes_making >= MAX_LANES:
+                chosen = min(lanes, key=lambda lane: users.get(id(lane), 0))
+            if chosen is not None:
+                self._users.append((thread, chosen))
+                return chosen
+            make = self._make_lane
+            self._lanes_making += 1
+        try:
+            lane = make()  # the handshake, outside our lock: other threads go on publishing
+        finally:
+            with self._lanes_lock:
+                self._lanes_making -= 1
+        try:
+            with self._lanes_lock:
+                if self._make_lane is None:  # closed meanwhile
+                    lane._close(0.0, 0.0)
+                    return self
+                self._lanes.append(lane)
+                self._users.append((thread, lane))
+        except BaseException:  # Ctrl-C before the lane is ours to close: close it now
+            if lane not in self._lanes:
+                lane._close(0.0, 0.0)
+            raise
+        return lane
+
+    def _batch_started(self) -> None:
+        # Caller holds the lock: the outbox opened a batch, the bus's flusher sends it if
+        # nothing else does in time.
+        outbox = self._outbox
+        outbox.batch_started = False
+        due = outbox.due()
+        if due is not None and self._owner is not None:
+            self._owner._batch_started(self, due)
 
     def _run(self, make: Callable[[], Sequence[Send]]) -> None:
         if self._dead:
             raise Closed("publisher belongs to the parent process (fork)")
         with self._lock:
-            if self._closed or self._close_requested:
+            if self._halted:
                 self._closed_under_lock()
             self._transmit(make())
 
     def _closed_under_lock(self) -> None:
         # Caller holds the lock: carry out a close that could not take it, then refuse.
+        if self._dead:
+            raise Closed("publisher belongs to the parent process (fork)")
         if not self._closed:
             self._close_locked(0.0)
         raise Closed("publisher is closed")
@@ -132,7 +237,7 @@ class Publisher:
         if due > time.time():
             return due
         with self._lock:
-            if self._closed or self._close_requested:
+            if self._halted:
                 if not self._closed:
                     self._close_locked(0.0)
                 return None
@@ -145,7 +250,8 @@ class Publisher:
 
     def _publish_frames(self, frame: bytes, external: Any = None) -> None:
         """Send a message that is already framed (replay keeps its original header)."""
-        self._run(lambda: self._outbox.relay(frame, external))
+        lane = self._lane()
+        lane._run(lambda: lane._outbox.relay(frame, external))
 
     def _transmit(self, sends: Sequence[Send]) -> None:
         # Caller holds self._lock: the only thread in the socket.
@@ -163,16 +269,16 @@ class Publisher:
             outbox.published += counted
             try:
                 if len(frames) == 1:
-                    sock.send(frames[0], zmq.NOBLOCK)
+                    sock.send(frames[0], _NOBLOCK)
                 else:
-                    sock.send(frames[0], zmq.NOBLOCK | zmq.SNDMORE)
+                    sock.send(frames[0], _NOBLOCK_MORE)
                     for extra in frames[1:-1]:
-                        sock.send(extra, zmq.NOBLOCK | zmq.SNDMORE, copy=False)
+                        sock.send(extra, _NOBLOCK_MORE, copy=False)
                     if send.tracked:
-                        tracker = sock.send(frames[-1], zmq.NOBLOCK, copy=False, track=True)
+                        tracker = sock.send(frames[-1], _NOBLOCK, copy=False, track=True)
                         outbox.track(tracker, send.tracked)
                     else:
-                        sock.send(frames[-1], zmq.NOBLOCK, copy=False)
+                        sock.send(frames[-1], _NOBLOCK, copy=False)
             except zmq.Again:
                 outbox.published -= counted
                 outbox.dropped += send.count
@@ -195,28 +301,31 @@ class Publisher:
         # The broker forwards subscription changes to publishers; we need none of them.
         while True:
             try:
-                self._sock.recv(zmq.NOBLOCK)
+                self._sock.recv(_NOBLOCK)
             except zmq.Again:
                 return
 
     def stats(self) -> PublisherStats:
-        pool = self._outbox.shm
-        if pool is None:
-            return PublisherStats(self.id, self._outbox.published, self._outbox.dropped)
-        return PublisherStats(self.id, self._outbox.published, self._outbox.dropped,
-                              pool.sent, pool.exhausted, pool.twinned)
+        """Counters of every lane together, under ``id``."""
+        boxes = [self._outbox, *(lane._outbox for lane in list(self._lanes))]
+        pools = [b.shm for b in boxes if b.shm is not None]  # shm: each lane's pool
+        return PublisherStats(self.id, sum(b.published for b in boxes),
+                              sum(b.dropped for b in boxes), sum(p.sent for p in pools),
+                              sum(p.exhausted for p in pools), sum(p.twinned for p in pools))
 
     def loan(self, shape: int | tuple[int, ...], dtype: Any) -> Any:
-        """A writable numpy array to fill and then publish without a copy: in the shared
-        pool when this publisher has one and it has room, else an ordinary array (it then
-        goes as bytes). After ``publish`` the array is read-only: it belongs to the
-        subscribers' views. An array never published is given back when it is collected."""
+        """A writable numpy array to fill and then publish (from this thread) without a
+        copy: in the shared pool when this publisher has one and it has room, else an
+        ordinary array (it then goes as bytes). After ``publish`` the array is read-only: it
+        belongs to the subscribers' views. An array never published is given back when it
+        is collected."""
         import numpy
 
-        pool = self._outbox.shm
         if self.closed:
             raise Closed("publisher is closed")
-        with self._lock:
+        lane = self._lane()  # the lane this thread publishes through: its pool
+        pool = lane._outbox.shm
+        with lane._lock:
             array = pool.loan(shape, dtype) if pool is not None else None
         return array if array is not None else numpy.empty(shape, dtype)
 
@@ -227,13 +336,27 @@ class Publisher:
         self._close(self._linger, timeout=1.0)
 
     def _close(self, linger: float, timeout: float) -> bool:
-        """Close within ``timeout``; False if another thread holds the socket, which then
+        """Close within ``timeout``; False if another thread holds a socket, which then
         closes it the next time it takes the lock."""
+        if self._dead:
+            return True  # after fork, in the child: nothing to close, no lock to take
+        lanes_closed = True
+        if self._make_lane is not None:
+            with self._lanes_lock:
+                self._make_lane = None  # no new lane from now on
+                lanes = list(self._lanes)
+            deadline = Deadline(timeout)
+            lanes_closed = all([lane._close(linger, deadline.remaining() or 0.0)
+                                for lane in lanes])
+            timeout = deadline.remaining() or 0.0
+        return self._close_own(linger, timeout) and lanes_closed
+
+    def _close_own(self, linger: float, timeout: float) -> bool:
         if self._closed or self._dead:
             return True
         # Never wait on our own thread: a signal handler may have interrupted a publish here.
         if not self._lock.acquire(timeout=min(max(timeout, 0.0), 0.1)):
-            self._close_requested = True
+            self._close_requested = self._halted = True
             return False
         try:
             self._close_locked(linger)
@@ -253,7 +376,7 @@ class Publisher:
         except Closed:
             pass
         finally:
-            self._closed = True
+            self._closed = self._halted = True
             self._sock.close(int(max(linger, 0.0) * 1000))
             if outbox.shm is not None:  # shm: its thread, socket and memfd
                 outbox.shm.close()
@@ -264,7 +387,9 @@ class Publisher:
 
     def _mark_dead(self) -> None:
         """After fork, in the child: every call raises Closed, nothing touches the socket."""
-        self._dead = True
+        self._dead = self._halted = True
+        for lane in list(self._lanes):
+            lane._mark_dead()
 
     def __enter__(self) -> Publisher:
         return self
@@ -282,7 +407,7 @@ class AsyncPublisher(Publisher):
 
     async def publish(self, topic: str, data: Any, *, retain: bool = False) -> None:  # type: ignore[override]
         """Publish ``data`` on ``topic`` (see Publisher.publish); never blocks the loop."""
-        self._publish(topic, data, retain)
+        Publisher.publish(self, topic, data, retain=retain)
 
     async def clear_retained(self, topic: str) -> None:  # type: ignore[override]
         """Forget the retained value of ``topic`` at the broker."""

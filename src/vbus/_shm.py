@@ -437,10 +437,8 @@ class Pool:
             os.close(self._fd)
             self._fd = -1
         del self._base
-        try:
-            self._mm.close()
-        except BufferError:
-            pass  # loans still referenced: the mapping goes with the last of them
+        _let_go(self._mm)
+        del self._mm  # what still maps it (loans) keeps the mmap object alone
         return True
 
 
@@ -706,6 +704,17 @@ class _Link:
         with self._send_lock:
             self.sock.close()
         self.dead = True
+        _let_go(self.mm)
+        del self.mm  # the views, if any, keep the mmap object alone
+
+def _let_go(mm: mmap.mmap) -> None:
+    """Unmap now, or, while arrays still use the mapping, when the last of them goes: the
+    mmap object (and the fd it keeps, a dup of the pool's) then lives only through them, so
+    it ends by reference counting, not at some later garbage collection."""
+    try:
+        mm.close()
+    except BufferError:
+        pass  # views or loans still use it: they keep the mmap object, and only they
 
 
 class Resolver:

@@ -250,7 +250,13 @@ INTERRUPTED = textwrap.dedent("""
     from vbus.bluesky import RemoteDispatcher
     with vbus.Bus(bind="tcp://127.0.0.1:0") as bus:
         d = RemoteDispatcher(bus.address, prefix="RE0")
-        print("ready", flush=True)
+
+        def announce():  # once start() runs: a SIGINT before the try would not be caught
+            while not d._started:
+                time.sleep(0.001)
+            print("ready", flush=True)
+
+        threading.Thread(target=announce, daemon=True).start()
         try:
             d.start()
         except KeyboardInterrupt:

@@ -39,7 +39,7 @@ def _public(cls: type) -> set[str]:
 
 TWINS = {"__iter__": "__aiter__", "__next__": "__anext__", "__enter__": "__aenter__",
          "__exit__": "__aexit__"}
-IO_METHODS = {"recv", "publish"}
+IO_METHODS = {"recv", "recv_batch", "publish"}
 
 
 @pytest.mark.parametrize(("sync", "async_"), [(vbus.Publisher, vbus.AsyncPublisher),

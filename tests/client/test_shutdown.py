@@ -112,7 +112,7 @@ def test_close_wakes_recv_in_another_thread_within_100ms(leakcheck: LeakCheck) -
     assert at - closed_at < 0.1
 
 
-def _wait_until_receiving(sub: vbus.Subscriber) -> None:
+def _wait_until_receiving(sub: vbus.Subscriber | vbus.AsyncSubscriber) -> None:
     # recv() marks itself as the receiver under the lock before it waits; make sure the
     # close() in the test races with a recv() that is really inside poll.
     deadline = time.monotonic() + 2.0

@@ -9,7 +9,6 @@ call however many messages it holds.
 
 from __future__ import annotations
 
-import struct
 from typing import Any
 
 import msgspec
@@ -20,29 +19,34 @@ MAX_MESSAGES = 256
 MAX_BYTES = 64 * 1024  # payload bytes in one batch; larger messages are never batched
 
 
-# Each entry is written as msgpack directly: fixarray(2), float64 time, then the payload,
-# which is already msgpack. No objects per message but the two bytes pieces.
-_ENTRY_HEAD = struct.Struct(">BBd")
+# The entries wait as ``(time, item)`` pairs and are encoded together when the batch leaves,
+# in one msgspec call: an array of fixarray(2) [float64 time, payload]. An item is either a
+# bytes payload itself (msgspec writes it as bin: no copy and no call per message until
+# then; the outbox's burst path appends these) or msgpack already encoded, as msgspec.Raw
+# (encoded at publish, so that a value that cannot be encoded fails there).
+_ENCODER = msgspec.msgpack.Encoder()
+Item = bytes | msgspec.Raw
 
 
 class Batch:
-    """Messages waiting to go out together; the caller keeps their seqs consecutive."""
+    """Messages waiting to go out together; the caller keeps their seqs consecutive.
+    ``payload`` arguments are msgpack, already encoded; ``size`` counts encoded bytes."""
 
-    __slots__ = ("prefix", "first_seq", "first_time", "pieces", "count", "size")
+    __slots__ = ("prefix", "first_seq", "first_time", "entries", "count", "size")
 
-    def __init__(self, prefix: bytes, seq: int, when: float, payload: bytes) -> None:
+    def __init__(self, prefix: bytes, seq: int, when: float,
+                 payload: bytes | msgspec.Raw) -> None:
         self.prefix = prefix
         self.first_seq = seq
         self.first_time = when
-        self.pieces = [_ENTRY_HEAD.pack(0x92, 0xCB, when), payload]
+        raw = payload if type(payload) is msgspec.Raw else msgspec.Raw(payload)
+        self.entries: list[tuple[float, Item]] = [(when, raw)]
         self.count = 1
         self.size = len(payload)
 
     def add(self, when: float, payload: bytes) -> bool:
         """Add one message; True when the batch is full and should go now."""
-        pieces = self.pieces
-        pieces.append(_ENTRY_HEAD.pack(0x92, 0xCB, when))
-        pieces.append(payload)
+        self.entries.append((when, msgspec.Raw(payload)))
         self.count += 1
         self.size += len(payload)
         return self.count >= MAX_MESSAGES or self.size >= MAX_BYTES
@@ -51,9 +55,8 @@ class Batch:
         return self.count
 
     def frame(self, sender: bytes, encoder: msgspec.msgpack.Encoder | None = None) -> bytes:
-        n = self.count
-        head = bytes([0x90 | n]) if n < 16 else b"\xdc" + n.to_bytes(2, "big")
-        payload = _wire.Payload(_wire.KIND_BATCH, head + b"".join(self.pieces))
+        entries = (encoder or _ENCODER).encode(self.entries)
+        payload = _wire.Payload(_wire.KIND_BATCH, entries)
         frame, _ = _wire.build_frames(
             self.prefix, 0, sender, self.first_seq, self.first_time, payload
         )

@@ -24,6 +24,8 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+import msgspec
+
 from .._errors import DecodeError, EncodeError
 from . import batch as _batch
 from . import chunk as _chunk
@@ -39,6 +41,11 @@ OVERHEAD = 12  # bytes per message besides its payload, for the broker's byte co
 _PLAIN = frozenset({float, int, str, bool, type(None), dict, list, tuple})
 BATCHABLE = _batch.MAX_BYTES // 16  # larger payloads are sent on their own
 _NOTHING: tuple[()] = ()  # what most publishes in a burst send: nothing yet
+_RAW = msgspec.Raw
+_BATCHABLE_BYTES = BATCHABLE - 3  # a bytes payload's bin head is 2 or 3 bytes up to there
+_BATCH_MESSAGES = _batch.MAX_MESSAGES
+_BATCH_BYTES = _batch.MAX_BYTES
+_EARLY = 1e-6  # the burst path looks at deadlines this early: float rounding is never late
 
 
 class Tracker(Protocol):
@@ -79,7 +86,9 @@ class Outbox:
         self._batch: Batch | None = None
         self._batch_topic = ""
         self._last_publish = 0.0
-        self._seqs: dict[str, int] = {}  # per topic: the last seq, i.e. messages published
+        self._check_at = 0.0  # at or before the open batch's first deadline (due or report)
+        # per topic: the last seq, i.e. messages published (the open batch's topic: before it)
+        self._seqs: dict[str, int] = {}
         self._bytes: dict[str, int] = {}
         self._relayed: dict[str, int] = {}  # per topic: messages sent as ready-made frames
         self._next_report = 0.0
@@ -93,33 +102,53 @@ class Outbox:
         """The sends for one message. EncodeError (nothing changed) if it cannot be encoded."""
         if now is None:
             now = _time.time()
+        batch = self._batch
+        if (batch is not None and type(data) is bytes and self._batch_topic == topic
+                and not retain and len(data) <= _BATCHABLE_BYTES):
+            # The hot path first, inline: a bytes payload joins the open batch of its topic
+            # as it is (encoded with the batch, when that leaves). Its seq is the batch's
+            # next one (the topic's count catches up when the batch leaves), and one
+            # comparison stands for both deadlines.
+            self._last_publish = now
+            batch.entries.append((now, data))
+            n = len(data)
+            count = batch.count = batch.count + 1
+            size = batch.size = batch.size + n + (2 if n < 0x100 else 3)
+            if count >= _BATCH_MESSAGES or size >= _BATCH_BYTES or now >= self._check_at:
+                return self._batch_deadlines(batch, now)
+            return _NOTHING
         kind = type(data)
-        if not retain and self.batch_delay and (
-            kind in _PLAIN or (kind is bytes and len(data) <= BATCHABLE)
-        ):
-            try:
-                entry: bytes | None = self.encoder.encode(data)  # bytes: a msgpack bin entry
-            except _wire.NestedArray:
-                entry = None  # arrays inside: a frame each, so not batchable
-            except (TypeError, ValueError, OverflowError, RecursionError) as exc:
-                raise EncodeError(
-                    f"cannot encode payload of type {kind.__name__}: {exc!r}"
-                ) from None
-            if entry is not None and len(entry) <= BATCHABLE:
-                # The hot path, inline: a small plain value, batched in a burst.
-                seq = self._seqs.get(topic, 0) + 1
-                self._seqs[topic] = seq
-                batch = self._batch
+        if not retain and self.batch_delay:
+            item: bytes | msgspec.Raw | None = None
+            if kind is bytes:
+                size = len(data)
+                if size <= _BATCHABLE_BYTES:
+                    item = data  # encoded with its batch, when that leaves
+                    size += 2 if size < 0x100 else 3
+            elif kind in _PLAIN:
+                try:
+                    entry = self.encoder.encode(data)
+                except _wire.NestedArray:
+                    pass  # arrays inside: a frame each, so not batchable
+                except (TypeError, ValueError, OverflowError, RecursionError) as exc:
+                    raise EncodeError(
+                        f"cannot encode payload of type {kind.__name__}: {exc!r}"
+                    ) from None
+                else:
+                    size = len(entry)
+                    if size <= BATCHABLE:
+                        item = _RAW(entry)
+            if item is not None:
                 if batch is not None and self._batch_topic == topic:
+                    # A small plain value joins the open batch (as the bytes path above).
                     self._last_publish = now
-                    if batch.add(now, entry) or now - batch.first_time >= self.batch_delay:
-                        sends = [self._take_batch()]
-                        self._maybe_report(sends, now)
-                        return sends
-                    if now >= self._next_report:
-                        return [self.report(now)]
+                    batch.entries.append((now, item))
+                    count = batch.count = batch.count + 1
+                    size = batch.size = batch.size + size
+                    if count >= _BATCH_MESSAGES or size >= _BATCH_BYTES or now >= self._check_at:
+                        return self._batch_deadlines(batch, now)
                     return _NOTHING
-                return self._start_run(topic, prefix, data, kind, entry, seq, now)
+                return self._start_run(topic, prefix, data, kind, item, now)
         placed = None if self.shm is None or retain else self.shm.place(topic, data)  # shm
         payload = _wire.encode_payload(data, self.encoder) if placed is None else placed[1]
         sends = self.flush()  # everything published before goes first
@@ -131,20 +160,37 @@ class Outbox:
         self._maybe_report(sends, now)
         return sends
 
-    def _start_run(self, topic: str, prefix: bytes, data: Any, kind: type, entry: bytes,
-                   seq: int, now: float) -> Sequence[Send]:
+    def _batch_deadlines(self, batch: Batch, now: float) -> Sequence[Send]:
+        # The open batch is full, or one of its deadlines may have come (``_check_at`` is a
+        # little early, so that rounding never makes it late): decide exactly.
+        if (batch.count >= _BATCH_MESSAGES or batch.size >= _BATCH_BYTES
+                or now - batch.first_time >= self.batch_delay):
+            sends = [self._take_batch()]
+            self._maybe_report(sends, now)
+            return sends
+        if now >= self._next_report:
+            return [self.report(now)]
+        return _NOTHING
+
+    def _start_run(self, topic: str, prefix: bytes, data: Any, kind: type,
+                   item: bytes | msgspec.Raw, now: float) -> Sequence[Send]:
         # A small message that does not join the open batch: that batch (another topic's)
         # goes first; in a burst this one opens a batch, else it goes alone.
         sends = self.flush()
+        seq = self._seqs.get(topic, 0) + 1
+        self._seqs[topic] = seq
         if now - self._last_publish < BURST_GAP:
-            self._batch = Batch(prefix, seq, now, entry)
+            # Encoded here (once a batch): the burst path appends the next ones as they are.
+            self._batch = Batch(prefix, seq, now, item if kind is not bytes else
+                                self.encoder.encode(data))
             self._batch_topic = topic
+            self._check_at = min(now + self.batch_delay, self._next_report) - _EARLY
             self.batch_started = True
         else:
             payload = (
                 _wire.Payload(_wire.KIND_BYTES, data)
                 if kind is bytes
-                else _wire.Payload(_wire.KIND_MSGPACK, entry)
+                else _wire.Payload(_wire.KIND_MSGPACK, bytes(item))
             )
             frame, _ = _wire.build_frames(prefix, 0, self.sender, seq, now, payload)
             sends.append(Send([frame]))
@@ -249,9 +295,9 @@ class Outbox:
         batch = self._batch
         assert batch is not None
         self._batch = None
-        self._bytes[self._batch_topic] = (
-            self._bytes.get(self._batch_topic, 0) + batch.size + OVERHEAD * batch.count
-        )
+        topic = self._batch_topic
+        self._seqs[topic] = batch.first_seq + batch.count - 1  # the batch's seqs are spent
+        self._bytes[topic] = self._bytes.get(topic, 0) + batch.size + OVERHEAD * batch.count
         return Send([batch.frame(self.sender)], count=batch.count)
 
     # -- the zero-copy byte budget ------------------------------------------------------------
@@ -292,6 +338,12 @@ class Outbox:
         counts = dict(self._relayed)
         for t, n in self._seqs.items():
             counts[t] = counts.get(t, 0) + n
+        batch = self._batch
+        if batch is not None:  # its messages are published, though the topic's count lags
+            t = self._batch_topic
+            counts[t] = counts.get(t, 0) + batch.first_seq + batch.count - 1 - self._seqs[t]
+            self._check_at = min(batch.first_time + self.batch_delay,
+                                 self._next_report) - _EARLY
         topics = {t: (n, self._bytes.get(t, 0)) for t, n in counts.items()}
         report = _control.Report("publisher", topics=topics, dropped=self.dropped, closed=closed)
         return Send([_control.report_frame(self.sender, report)], count=0)
