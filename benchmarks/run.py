@@ -62,6 +62,7 @@ WORKLOADS: dict[str, Any] = {
     "threads-tcp": lambda c, log: throughput("threads", "tcp", [B64], c, log, threads=(1, 4)),
     "guarantees": None,  # special: its own section
     "memory": None,  # special: its own section
+    "shm": None,  # special: bench_shm.py (shared memory, issue 17), its own section
 }
 MEMORY_FLAG_MIB = 1024  # target 5: 64 frames of 16 MiB in all three processes is not bounded
 EXTRA = ("profile",)  # on request only: needs py-spy
@@ -74,6 +75,7 @@ DESCRIPTIONS = {
     "threads": "64 B, 4 threads sharing one publisher vs 1 thread",
     "guarantees": "order across topics and exact loss accounting under loss (1 and 4 threads)",
     "memory": "stalled subscriber, 16 MiB frames: peak RSS (bounded memory)",
+    "shm": "1 and 16 MiB frames between processes on one host: vbus shm, raw pyzmq, Zenoh shm",
     "profile": "py-spy profile of the vbus 64 B brokered tcp path",
 }
 
@@ -176,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         mem: list[dict[str, Any]] | None = None
         guard: list[dict[str, Any]] | None = None
         profile_text: str | None = None
+        shm_text: str | None = None
         failures: list[str] = []
         for name in names:
             print(f"== {name}: {DESCRIPTIONS[name.split('-')[0]]}", flush=True)
@@ -184,6 +187,13 @@ def main(argv: list[str] | None = None) -> int:
                     mem = memory(cfg, log)
                 elif name == "guarantees":
                     guard = guarantees(cfg, log)
+                elif name == "shm":
+                    import bench_shm
+
+                    found = bench_shm.run([1 << 20, 16 << 20], max(cfg.duration, 1.0),
+                                          cfg.runs, 128 << 20, log)
+                    shm_text = (f"medians of {cfg.runs}, payload GB/s delivered, pool 128 MiB"
+                                f"\n\n{bench_shm.table(found)}")
                 elif name == "profile":
                     from bench_profile import profile
 
@@ -214,6 +224,11 @@ def main(argv: list[str] | None = None) -> int:
         if profile_text:
             print()
             print(profile_text)
+        if shm_text:
+            print()
+            print(shm_text)
+            report += f"\n## Large frames through shared memory (issue 17)\n\n{shm_text}\n"
+
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(report)
         args.output.with_suffix(".json").write_text(json.dumps(

@@ -28,7 +28,7 @@ from typing import Any, TypeVar, overload
 import msgspec
 import zmq
 
-from . import _requests
+from . import _requests, _shm
 from ._broker.forwarder import MAX_MESSAGE_SIZE, Broker
 from ._context import ContextKeeper
 from ._errors import AddressError, Closed, ConnectError, VbusError
@@ -37,6 +37,7 @@ from ._handshake import connect_publisher, connect_subscriber, probe
 from ._loop import BackgroundLoop
 from ._message import Message
 from ._proto import control as _control
+from ._proto import shm as _shm_proto
 from ._proto.endpoints import Endpoints, is_loopback, parse_address
 from ._proto.limits import DEFAULT_MAX_QUEUE_BYTES, effective_hwm
 from ._proto.outbox import Outbox
@@ -157,6 +158,7 @@ class _Core:
         self.chunk = chunk
         self.name = name
         self.batch_delay = batch_delay
+        self.shm_pool_bytes: int | None = None  # shm: publishers' pool size (0: no pool)
         self.flusher = Flusher(f"vbus-flusher-{name}", batch_delay) if batch_delay > 0 else None
         self.configure: Callable[[zmq.Socket[bytes]], None] | None = None
         self.lock = threading.RLock()  # re-entrant: close() may run in a signal handler
@@ -251,11 +253,20 @@ class _Core:
                     self.closing.close()
 
     def new_outbox(self, batch_delay: float | None = None) -> Outbox:
-        return new_outbox(
+        outbox = new_outbox(
             batch_delay=self.batch_delay if batch_delay is None else batch_delay,
             chunk=self.chunk,
             inflight_limit=self.max_queue_bytes or DEFAULT_MAX_QUEUE_BYTES,
         )
+        if self.shm_pool_bytes != 0 and self.chunk and _shm.AVAILABLE:  # shm: on first use
+            assert self.endpoints is not None
+            endpoint, configure = self.endpoints.subscribe, self.configure
+            # By default the pool fits in the bus's byte bound, as every queue does.
+            size = self.shm_pool_bytes or min(_shm_proto.DEFAULT_POOL_BYTES,
+                                              self.max_queue_bytes or DEFAULT_MAX_QUEUE_BYTES)
+            outbox.shm = _shm.Placer(max(size, _shm_proto.MIN_POOL_BYTES), lambda: (
+                _shm.TwinWatcher(self.context, endpoint, configure)))
+        return outbox
 
     def publisher(self, cls: type[P]) -> P:
         sock, linger = self.publisher_socket()
@@ -277,7 +288,8 @@ class _Core:
         return sock, LINGER if self.endpoints.is_network else 0.0
 
     def subscribe(self, cls: type[S], pattern: str, type: Any, hwm: int | None,
-                  on_loss: LossHook | None, max_queue_bytes: int | None) -> S:
+                  on_loss: LossHook | None, max_queue_bytes: int | None,
+                  shm: bool = True) -> S:
         compiled = compile_pattern(pattern)
         if hwm is not None and hwm < 1:
             raise ValueError(f"hwm must be at least 1, not {hwm}")
@@ -290,6 +302,9 @@ class _Core:
                 self.context, self.endpoints.subscribe, compiled, timeout=self.timeout,
                 hwm=queue, type=type, max_assembly_bytes=budget or DEFAULT_MAX_QUEUE_BYTES,
                 configure=self.configure, closing=closing,
+                shm=_shm.Resolver([pattern], forced=not shm,  # shm: bytes twins if off it,
+                                  twins=self.endpoints.is_network  # or maybe on another host
+                                  and not is_loopback(self.endpoints)),
             )
         try:
             sub: S = cls(sock, inbox, on_loss=on_loss, owner=self)
@@ -429,6 +444,7 @@ class Bus:
         authorized: Authorized | None = None,
         batch_delay: float = BATCH_DELAY,
         max_queue_bytes: int | None = None,
+        shm_pool_bytes: int | None = None,
     ) -> None:
         """``hwm``: queue bound, in ZeroMQ messages (a batch of small messages is one), of
         each publisher, of the broker's intake, and of each subscriber unless it sets its
@@ -441,10 +457,14 @@ class Bus:
         (public keys, or a directory of ``*.pub`` files) make every network endpoint speak
         CURVE and admit only those keys. ``batch_delay`` (seconds) bounds how long a
         publisher in a burst may hold a message to send it with others; 0 disables
-        batching."""
+        batching. ``shm_pool_bytes`` (default 128 MiB, or ``max_queue_bytes`` if that is
+        less; 0: none) sizes each publisher's
+        shared pool: numpy frames of 64 KiB and more go to subscribers on this host through
+        it, without crossing the broker (see docs/reliability.md)."""
         if max_message_size < 1:
             raise ValueError(f"max_message_size must be positive, not {max_message_size}")
         _check_options(hwm, timeout, batch_delay, max_queue_bytes)
+        pool_bytes = _shm_pool_bytes(shm_pool_bytes)  # shm
         security = server_security(keypair, authorized)
         binds = [bind] if isinstance(bind, str) else list(bind or ())
         for b in binds:
@@ -458,6 +478,7 @@ class Bus:
         core = _Core(keeper, owns_context=True, hwm=hwm, timeout=timeout,
                      batch_delay=batch_delay, max_queue_bytes=max_queue_bytes,
                      chunk=bool(binds), name=f"{id(keeper):x}")
+        core.shm_pool_bytes = pool_bytes  # shm
         try:
             # On a thread of its own: Ctrl-C cannot leave a broker half-started, and one
             # that started anyway is in core.broker for the cleanup below to stop.
@@ -482,8 +503,9 @@ class Bus:
     @classmethod
     def _client(cls, address: str, timeout: float, hwm: int | None,
                 security: ClientSecurity | None = None, batch_delay: float = BATCH_DELAY,
-                max_queue_bytes: int | None = None) -> Bus:
+                max_queue_bytes: int | None = None, shm_pool_bytes: int | None = None) -> Bus:
         _check_options(hwm, timeout, batch_delay, max_queue_bytes)
+        pool_bytes = _shm_pool_bytes(shm_pool_bytes)  # shm
         endpoints = parse_address(address)
         if endpoints.address.endswith(":0"):
             raise AddressError(f"connect {address!r}: port 0 is only for bind")
@@ -496,6 +518,7 @@ class Bus:
                      chunk=endpoints.is_network or (owner is not None and owner.chunk),
                      name=f"client-{id(keeper):x}-{endpoints.address}")
         core.endpoints = endpoints
+        core.shm_pool_bytes = pool_bytes  # shm
         core.configure = security.apply if security is not None and owner is None else None
         try:
             failure = probe(core.context, endpoints.publish, timeout, core.configure)
@@ -551,12 +574,12 @@ class Bus:
     # -- subscribing ------------------------------------------------------------------------
     @overload
     def subscribe(self, pattern: str, *, type: builtins.type[T], hwm: int | None = None,
-                  on_loss: LossHook | None = None,
-                  max_queue_bytes: int | None = None) -> Subscriber[T]: ...
+                  on_loss: LossHook | None = None, max_queue_bytes: int | None = None,
+                  shm: bool = True) -> Subscriber[T]: ...
     @overload
     def subscribe(self, pattern: str, *, type: Any = None, hwm: int | None = None,
-                  on_loss: LossHook | None = None,
-                  max_queue_bytes: int | None = None) -> Subscriber[Any]: ...
+                  on_loss: LossHook | None = None, max_queue_bytes: int | None = None,
+                  shm: bool = True) -> Subscriber[Any]: ...
 
     def subscribe(
         self,
@@ -566,6 +589,7 @@ class Bus:
         hwm: int | None = None,
         on_loss: LossHook | None = None,
         max_queue_bytes: int | None = None,
+        shm: bool = True,
     ) -> Subscriber[Any]:
         """A sync subscriber, returned once its subscription is active at the broker.
 
@@ -573,18 +597,22 @@ class Bus:
         checker: ``subscribe(p, type=State)`` gives ``Subscriber[State]``); ``hwm`` bounds its
         queue (messages) and ``max_queue_bytes`` (bytes; default: the bus's) what it may hold
         queued; ``on_loss(topic, sender, count)`` is called in the receiving thread for every
-        gap.
+        gap. Large numpy frames of publishers on this host arrive as read-only views of their
+        shared memory; ``shm=False`` takes them as bytes instead (see docs/reliability.md).
         """
-        return self._core.subscribe(Subscriber, pattern, type, hwm, on_loss, max_queue_bytes)
+        return self._core.subscribe(Subscriber, pattern, type, hwm, on_loss, max_queue_bytes,
+                                    shm)
 
     @overload
     def async_subscribe(self, pattern: str, *, type: builtins.type[T], hwm: int | None = None,
                         on_loss: LossHook | None = None,
-                        max_queue_bytes: int | None = None) -> AsyncSubscriber[T]: ...
+                        max_queue_bytes: int | None = None,
+                        shm: bool = True) -> AsyncSubscriber[T]: ...
     @overload
     def async_subscribe(self, pattern: str, *, type: Any = None, hwm: int | None = None,
                         on_loss: LossHook | None = None,
-                        max_queue_bytes: int | None = None) -> AsyncSubscriber[Any]: ...
+                        max_queue_bytes: int | None = None,
+                        shm: bool = True) -> AsyncSubscriber[Any]: ...
 
     def async_subscribe(
         self,
@@ -594,11 +622,12 @@ class Bus:
         hwm: int | None = None,
         on_loss: LossHook | None = None,
         max_queue_bytes: int | None = None,
+        shm: bool = True,
     ) -> AsyncSubscriber[Any]:
         """An asyncio subscriber, returned once its subscription is active at the broker.
         The options are those of ``subscribe``."""
         return self._core.subscribe(AsyncSubscriber, pattern, type, hwm, on_loss,
-                                    max_queue_bytes)
+                                    max_queue_bytes, shm)
 
     @overload
     def on(self, pattern: str, *, type: Any = None, hwm: int | None = None,
@@ -744,16 +773,28 @@ def connect(
     server_key: str | None = None,
     batch_delay: float = BATCH_DELAY,
     max_queue_bytes: int | None = None,
+    shm_pool_bytes: int | None = None,
 ) -> Bus:
     """A bus that is a client of the broker at ``address`` (another process or host).
 
     Raises ConnectError naming the address when no broker answers within ``timeout`` or
     the broker refuses us. ``keypair`` and ``server_key`` (the broker's public key) are
     needed for a broker with CURVE security. ``batch_delay``, ``hwm`` and
-    ``max_queue_bytes`` as for ``Bus``.
+    ``max_queue_bytes`` as for ``Bus``. ``shm_pool_bytes`` sizes each publisher's shared
+    pool for large numpy frames to subscribers on this host (default 128 MiB; 0: none).
     """
     return Bus._client(address, timeout, hwm, client_security(keypair, server_key),
-                       batch_delay, max_queue_bytes)
+                       batch_delay, max_queue_bytes, shm_pool_bytes)
+
+
+def _shm_pool_bytes(size: int | None) -> int | None:
+    # shm: None is the default size; 0 turns shared memory off for this bus's publishers.
+    if size is None:
+        return None
+    if size and size < _shm_proto.MIN_POOL_BYTES:
+        raise ValueError(f"shm_pool_bytes must be 0 or at least {_shm_proto.MIN_POOL_BYTES}, "
+                         f"not {size}")
+    return size
 
 
 def _check_options(hwm: int | None, timeout: float, batch_delay: float,

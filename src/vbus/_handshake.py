@@ -99,6 +99,7 @@ def connect_subscriber(
     max_assembly_bytes: int,
     configure: Callable[[zmq.Socket[bytes]], None] | None = None,
     closing: Waker | None = None,
+    shm: Any = None,
 ) -> tuple[zmq.Socket[bytes], Inbox]:
     """A SUB socket whose subscription the broker has confirmed active, and its inbox.
 
@@ -117,8 +118,11 @@ def connect_subscriber(
         token = secrets.token_hex(8).encode()
         ready = _control.READY + token + b"\0"
         inbox = Inbox(pattern, ready, type, max_assembly_bytes=max_assembly_bytes)
+        inbox.shm = shm  # shm: maps shared-memory frames (an _shm.Resolver), or None
         for prefix in pattern.prefixes:
             sock.subscribe(prefix)
+            if shm is not None and shm.twins:  # shm: the bytes twins of those frames too
+                sock.subscribe(_control.TWIN + prefix)
         want = _control.want_subscription(token, pattern.text)
         sock.subscribe(want)
         sock.subscribe(ready)  # last: its confirmation covers everything before it
@@ -136,6 +140,8 @@ def connect_subscriber(
         return sock, inbox
     except BaseException:
         sock.close(0)
+        if shm is not None:
+            shm.close()
         raise
 
 

@@ -49,9 +49,15 @@ class PublisherOwner(Protocol):
 
 
 class PublisherStats(msgspec.Struct, frozen=True):
+    """``shm_frames`` went through the shared pool (by descriptor), ``shm_exhausted`` found
+    it full and went as bytes, ``shm_twins`` also went as bytes to subscribers off it."""
+
     sender: str
     published: int
     dropped: int
+    shm_frames: int = 0
+    shm_exhausted: int = 0
+    shm_twins: int = 0
 
 
 class Publisher:
@@ -302,8 +308,26 @@ class Publisher:
     def stats(self) -> PublisherStats:
         """Counters of every lane together, under ``id``."""
         boxes = [self._outbox, *(lane._outbox for lane in list(self._lanes))]
+        pools = [b.shm for b in boxes if b.shm is not None]  # shm: each lane's pool
         return PublisherStats(self.id, sum(b.published for b in boxes),
-                              sum(b.dropped for b in boxes))
+                              sum(b.dropped for b in boxes), sum(p.sent for p in pools),
+                              sum(p.exhausted for p in pools), sum(p.twinned for p in pools))
+
+    def loan(self, shape: int | tuple[int, ...], dtype: Any) -> Any:
+        """A writable numpy array to fill and then publish (from this thread) without a
+        copy: in the shared pool when this publisher has one and it has room, else an
+        ordinary array (it then goes as bytes). After ``publish`` the array is read-only: it
+        belongs to the subscribers' views. An array never published is given back when it
+        is collected."""
+        import numpy
+
+        if self.closed:
+            raise Closed("publisher is closed")
+        lane = self._lane()  # the lane this thread publishes through: its pool
+        pool = lane._outbox.shm
+        with lane._lock:
+            array = pool.loan(shape, dtype) if pool is not None else None
+        return array if array is not None else numpy.empty(shape, dtype)
 
     def close(self) -> None:
         """Close the publisher. Idempotent; ``publish`` afterwards raises Closed.
@@ -354,6 +378,8 @@ class Publisher:
         finally:
             self._closed = self._halted = True
             self._sock.close(int(max(linger, 0.0) * 1000))
+            if outbox.shm is not None:  # shm: its thread, socket and memfd
+                outbox.shm.close()
             owner = self._owner
             if owner is not None:
                 owner._forget(self)

@@ -191,6 +191,10 @@ class BaseSubscriber(Generic[T]):
                 return None
 
     def _losses(self) -> None:
+        shm = self._inbox.shm
+        if shm is not None and shm.wants_twins:  # shm: a publisher of another host is heard
+            for prefix in shm.take_twins():
+                self._sock.subscribe(_control.TWIN + prefix)
         losses, self._inbox.losses = self._inbox.losses, []
         hook = self._on_loss
         if hook is not None:
@@ -255,6 +259,8 @@ class BaseSubscriber(Generic[T]):
         self._state = _State.CLOSED
         self._sock.close(0)
         self._waker.close()
+        if self._inbox.shm is not None:  # shm: its pools' connections (views keep theirs)
+            self._inbox.shm.close()
         self._closed_event.set()
         owner = self._owner
         if owner is not None:

@@ -564,7 +564,7 @@ def test_unknown_flags_are_a_decode_error(flags: int) -> None:
         parse_envelope(set_header_byte(valid_frame(), 1, flags))
 
 
-@pytest.mark.parametrize("kind", [6, 7, 255])
+@pytest.mark.parametrize("kind", [7, 8, 255])  # 6 is KIND_SHM (shm)
 def test_unknown_kind_is_a_decode_error(kind: int) -> None:
     with pytest.raises(DecodeError, match="kind"):
         parse_envelope(set_header_byte(valid_frame(), 2, kind))

@@ -29,6 +29,7 @@ from zmq.utils.monitor import parse_monitor_message
 from .._errors import DecodeError, TopicError
 from .._proto import control as _control
 from .._proto import requests as _proto_requests
+from .._proto import shm as _shm_proto
 from .._proto import stats as _stats
 from .._proto import wire as _wire
 from .._proto.seq import BurstLog
@@ -115,6 +116,7 @@ class BrokerService:
         self._forwarder = ForwarderStats()
         self._subscriptions = 0  # distinct subscriptions the forwarder holds (as it told us)
         self.requests = _broker_requests.RequestRouter(self._sender)
+        self.twins = _shm_proto.twin_registry(self._sender)  # shm: see _proto/shm.py
 
     # -- thread -----------------------------------------------------------------------------
     def run(self, started: Started[None]) -> None:
@@ -327,6 +329,11 @@ class BrokerService:
             else:
                 continue  # a subscriber's stray message: nothing for us
             if self.requests.subscription(change == _SUBSCRIBE, body):
+                continue
+            twins = self.twins.subscription(change == _SUBSCRIBE, body)  # shm: who takes bytes
+            if twins is not None:
+                for frame in twins:
+                    out.send(frame, zmq.NOBLOCK)
                 continue
             if body.startswith(_control.READY) and body.endswith(b"\0"):
                 token = body[len(_control.READY) : -1]

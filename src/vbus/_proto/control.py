@@ -35,10 +35,12 @@ _NIL = _wire.Payload(_wire.KIND_MSGPACK, b"\xc0")
 
 TOPIC_START = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-.:"
 """Every byte a topic may start with (see _proto/topics.py)."""
+TWIN = b"$vbus/twin/"  # shm: a frame's bytes twin, for subscribers off shared memory
 CLIENT_PREFIXES = (*(bytes([c]) for c in TOPIC_START), RETAIN, REPORT, _requests.REQUEST,
-                   _requests.REPLY)
+                   _requests.REPLY, TWIN)
 """What a network peer may send through the broker: messages whose first frame starts with
-one of these (a topic; a retained copy, a report, a request, a server's reply). Everything
+one of these (a topic; a retained copy, a report, a request, a server's reply; a bytes twin
+of a shared-memory frame, see _proto/shm.py). Everything
 else on the reserved namespace (0xFF/0xFE/0xFD-led control frames, ``$vbus/stats``,
 ``$vbus/serve/``, any other ``$`` topic) belongs to the broker and is dropped."""
 

@@ -90,6 +90,8 @@ class Inbox:
         self._assemblies: dict[bytes, _chunk.Assembly] = {}
         self._assembly_bytes = 0
         self._max_assembly_bytes = max_assembly_bytes
+        # shm: the shell's resolver of shared-memory frames (_shm.Resolver), or None
+        self.shm: Any = None
         self.received = 0
         self.errors = 0
         self.invalid = 0
@@ -160,10 +162,18 @@ class Inbox:
             self._invalid(str(exc))
             return
         topic = env.topic
+        if topic[:1] == "$" and self.shm is not None:  # shm: a bytes twin (ours or not)
+            twin = self.shm.twin(env)
+            if twin is None:
+                return
+            env, topic = twin, twin.topic
         if self._match is not None and not self._match(topic):
             return
         sender = self._sender(env.sender)
         kind = env.kind
+        if kind == _wire.KIND_SHM and self.shm is not None and self.shm.skip(  # shm
+                env.sender, memoryview(first)[env.offset :]):
+            return  # we take this publisher's twins: they carry the same seqs
         if kind == _wire.KIND_CHUNK:
             self._chunk(env, first, rest, sender)
             return
@@ -185,7 +195,16 @@ class Inbox:
     def _deliver(self, env: _wire.Envelope, sender: str, inline: memoryview,
                  external: Any) -> None:
         try:
-            data = _wire.decode_payload(env.kind, inline, external, self._decoder)
+            if env.kind == _wire.KIND_SHM and self.shm is not None:  # shm: map, or lost
+                data = self.shm.resolve(inline)
+                if data is None:
+                    self._seqs.lost += 1
+                    self.losses.append((env.topic, sender, 1))
+                    self.loss_log.event(1, f"a shared-memory frame on {env.topic!r} from "
+                                           f"{sender}: {self.shm.why}")
+                    return
+            else:
+                data = _wire.decode_payload(env.kind, inline, external, self._decoder)
             if self._type is not None and env.kind not in (_wire.KIND_MSGPACK, _wire.KIND_TREE):
                 data = self._convert(data)
         except DecodeError as exc:

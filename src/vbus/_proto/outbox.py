@@ -94,6 +94,7 @@ class Outbox:
         self._next_report = 0.0
         self._inflight: deque[tuple[Tracker, int]] = deque()
         self._inflight_bytes = 0
+        self.shm: Any = None  # shm: the publisher's pool (_shm.Pool), places large frames
 
     # -- publishing -------------------------------------------------------------------------
     def publish(self, topic: str, prefix: bytes, data: Any, retain: bool = False,
@@ -148,9 +149,13 @@ class Outbox:
                         return self._batch_deadlines(batch, now)
                     return _NOTHING
                 return self._start_run(topic, prefix, data, kind, item, now)
-        payload = _wire.encode_payload(data, self.encoder)
+        placed = None if self.shm is None or retain else self.shm.place(topic, data)  # shm
+        payload = _wire.encode_payload(data, self.encoder) if placed is None else placed[1]
         sends = self.flush()  # everything published before goes first
-        self._message(sends, topic, prefix, payload, retain, now)
+        if placed is not None:  # shm: the descriptor, then its bytes twin if anyone takes it
+            self._placed(sends, topic, prefix, placed[0], payload, data.nbytes, now)
+        else:
+            self._message(sends, topic, prefix, payload, retain, now)
         self._last_publish = now
         self._maybe_report(sends, now)
         return sends
@@ -221,6 +226,29 @@ class Outbox:
             self.dropped += 1  # the seq is spent: subscribers see the gap
             return
         sends.append(Send([frame, *externals], tracked=tracked))
+
+    def _placed(self, sends: list[Send], topic: str, prefix: bytes, descriptor: bytes,
+                twin: _wire.Payload | None, nbytes: int, now: float) -> None:
+        # shm: a frame in the shared pool goes as its descriptor; a twin (its bytes, the same
+        # seq, on $vbus/twin/<topic>) follows for the subscribers that take bytes.
+        seq = self._seqs.get(topic, 0) + 1
+        self._seqs[topic] = seq
+        self._count_bytes(topic, nbytes)
+        frame, _ = _wire.build_frames(prefix, 0, self.sender, seq, now,
+                                      _wire.Payload(_wire.KIND_SHM, descriptor))
+        sends.append(Send([frame]))
+        if twin is None:
+            return
+        twin_prefix = _control.TWIN + prefix
+        externals = _externals(twin.external)
+        if self.chunk and nbytes > self.chunk_size:
+            pieces = list(_chunk.chunk_frames(twin_prefix, 0, self.sender, seq, now, twin,
+                                              externals, self.chunk_size))
+            for i, (first, piece) in enumerate(pieces):
+                sends.append(Send([first, piece], count=0, last=i == len(pieces) - 1))
+            return
+        first, _ = _wire.build_frames(twin_prefix, 0, self.sender, seq, now, twin)
+        sends.append(Send([first, *externals], count=0))
 
     def relay(self, frame: bytes, external: Any = None, now: float | None = None) -> list[Send]:
         """Sends for a message that is already framed (replay keeps its original header)."""

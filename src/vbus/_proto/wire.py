@@ -43,7 +43,8 @@ KIND_NDARRAY = 2
 KIND_BATCH = 3  # several messages of one publisher and topic; see _proto/batch.py
 KIND_TREE = 4  # msgpack with EXT_ARRAY placeholders, one external frame per nested array
 KIND_CHUNK = 5  # one piece of a large message that crosses a network; see _proto/chunk.py
-KINDS = (KIND_MSGPACK, KIND_BYTES, KIND_NDARRAY, KIND_BATCH, KIND_TREE, KIND_CHUNK)
+KIND_SHM = 6  # shm: a frame in a publisher's shared pool, by descriptor; see _proto/shm.py
+KINDS = (KIND_MSGPACK, KIND_BYTES, KIND_NDARRAY, KIND_BATCH, KIND_TREE, KIND_CHUNK, KIND_SHM)
 
 EXT_ARRAY = 1
 """msgpack extension type of a nested array's placeholder: ``[index, descr, shape]``."""
@@ -228,6 +229,8 @@ def decode_payload(
             raise DecodeError("a batch holds several messages: decode it with _batch")
         if kind == KIND_CHUNK:
             raise DecodeError("a chunk is a piece of a message: reassemble it with _chunk")
+        if kind == KIND_SHM:  # shm
+            raise DecodeError("a shared-memory frame, and no way here to map it")
         return _decode_ndarray(inline, single)
     except msgspec.ValidationError as exc:
         raise DecodeError(f"payload does not match the requested type: {exc}") from None
