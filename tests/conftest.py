@@ -7,9 +7,9 @@ from collections.abc import Iterator
 
 import pytest
 import zmq
-from tests._support import LeakCheck
 
 import vbus
+from tests._support import LeakCheck
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -45,6 +45,7 @@ from ._proto.topics import compile_pattern
 from ._publisher import (
     LINGER,
     AsyncPublisher,
+    BasePublisher,
     Publisher,
     PublisherStats,
     new_outbox,
@@ -79,8 +80,8 @@ log = logging.getLogger("vbus")
 T = TypeVar("T")
 Callback = Callable[[Message], Any]
 S = TypeVar("S", bound=BaseSubscriber[Any])
-P = TypeVar("P", bound=Publisher)
-Child = Publisher | BaseSubscriber[Any]
+P = TypeVar("P", bound=BasePublisher)
+Child = BasePublisher | BaseSubscriber[Any]
 C = TypeVar("C", bound=Child)
 
 BATCH_DELAY = 0.0005
@@ -105,7 +106,7 @@ class BusStats(msgspec.Struct, frozen=True):
     requests: RequestStats = RequestStats()
 
 
-class _State(enum.Enum):
+class _BusState(enum.Enum):
     OPEN = "open"  # in use
     CLOSING = "closing"  # close() is under way (maybe in another thread)
     CLOSED = "closed"  # close() has returned; parts that missed its deadline may still end
@@ -162,13 +163,13 @@ class _Core:
         self.flusher = Flusher(f"vbus-flusher-{name}", batch_delay) if batch_delay > 0 else None
         self.configure: Callable[[zmq.Socket[bytes]], None] | None = None
         self.lock = threading.RLock()  # re-entrant: close() may run in a signal handler
-        self.state = _State.OPEN
+        self.state = _BusState.OPEN
         self.closer: int | None = None  # the thread inside close()
         self.closed_event = threading.Event()
         self.children: set[Child] = set()
         self.callback_threads: list[threading.Thread] = []
         self.loop: BackgroundLoop | None = None
-        self.reporter: Publisher | None = None
+        self.reporter: BasePublisher | None = None
         self.broker: Broker | None = None
         self.endpoints: Endpoints | None = None
         self.inproc_clients: weakref.WeakSet[_Core] = weakref.WeakSet()
@@ -187,14 +188,14 @@ class _Core:
         if self.owns_context:
             self.keeper.socket_closed()
 
-    def _batch_started(self, publisher: Publisher, due: float) -> None:
+    def _batch_started(self, publisher: BasePublisher, due: float) -> None:
         if self.flusher is not None:
             self.flusher.due(publisher, due)
 
     def _report(self, reporter_id: bytes, report: _control.Report) -> None:
         """Send a subscriber's counters to the broker's $vbus/stats. Best effort."""
         with self.lock:
-            if self.state is not _State.OPEN or self.endpoints is None:
+            if self.state is not _BusState.OPEN or self.endpoints is None:
                 return
             reporter = self.reporter
         try:
@@ -207,7 +208,7 @@ class _Core:
                     self.configure(sock)
                 sock.connect(self.endpoints.publish)
                 with self.lock:
-                    if self.reporter is None and self.state is _State.OPEN:
+                    if self.reporter is None and self.state is _BusState.OPEN:
                         self.reporter = Publisher(sock, self.new_outbox(0.0), owner=self)
                     else:
                         sock.close(0)
@@ -219,13 +220,13 @@ class _Core:
 
     # -- making children ----------------------------------------------------------------------
     def check_open(self) -> None:
-        if self.state is not _State.OPEN:
-            raise Closed("the bus is closed" if self.state is not _State.FORKED else
+        if self.state is not _BusState.OPEN:
+            raise Closed("the bus is closed" if self.state is not _BusState.FORKED else
                          "the bus belongs to the parent process (fork)")
 
     def adopt(self, child: C) -> C:
         with self.lock:
-            if self.state is _State.OPEN:
+            if self.state is _BusState.OPEN:
                 self.children.add(child)
                 return child
         if isinstance(child, BaseSubscriber):
@@ -249,7 +250,7 @@ class _Core:
         finally:
             with self.lock:
                 self.handshakes.discard(token)
-                if not self.handshakes and self.state is not _State.OPEN:
+                if not self.handshakes and self.state is not _BusState.OPEN:
                     self.closing.close()
 
     def new_outbox(self, batch_delay: float | None = None) -> Outbox:
@@ -332,11 +333,11 @@ class _Core:
         deadline = Deadline(timeout)
         me = threading.get_ident()
         with self.lock:
-            if self.state is _State.FORKED or self.closer == me:
+            if self.state is _BusState.FORKED or self.closer == me:
                 return  # the parent's bus; or a signal handler interrupting our own close()
-            first = self.state is _State.OPEN
+            first = self.state is _BusState.OPEN
             if first:
-                self.state = _State.CLOSING
+                self.state = _BusState.CLOSING
             elif self.done:
                 return
             self.closer = me
@@ -347,8 +348,8 @@ class _Core:
         finally:
             with self.lock:
                 self.closer = None
-                if self.state is _State.CLOSING:
-                    self.state = _State.CLOSED
+                if self.state is _BusState.CLOSING:
+                    self.state = _BusState.CLOSED
             self.closed_event.set()
         if not stuck:
             if not self.in_own_thread():  # else our own thread is left to join, later
@@ -417,7 +418,7 @@ class _Core:
 
     def after_fork(self) -> None:
         """In the child: the parent's bus. Mark everything dead, touch no socket."""
-        self.state = _State.FORKED
+        self.state = _BusState.FORKED
         self.done = True
         self.keeper.forked()
         self.lock = threading.RLock()  # the parent's lock may have been held at fork
@@ -510,7 +511,7 @@ class Bus:
         if endpoints.address.endswith(":0"):
             raise AddressError(f"connect {address!r}: port 0 is only for bind")
         owner = _INPROC_OWNERS.get(endpoints.address) if not endpoints.is_network else None
-        if not endpoints.is_network and (owner is None or owner.state is not _State.OPEN):
+        if not endpoints.is_network and (owner is None or owner.state is not _BusState.OPEN):
             raise ConnectError(f"no vbus broker at {address} in this process")
         keeper = owner.keeper if owner is not None else ContextKeeper()
         core = _Core(keeper, owns_context=owner is None, hwm=hwm, timeout=timeout,
@@ -556,7 +557,7 @@ class Bus:
 
     @property
     def closed(self) -> bool:
-        return self._core.state is not _State.OPEN
+        return self._core.state is not _BusState.OPEN
 
     @property
     def _broker(self) -> Broker | None:
@@ -725,7 +726,7 @@ class Bus:
             children = list(core.children)
         subs = tuple(c.stats() for c in children if isinstance(c, BaseSubscriber))
         pubs = tuple(c.stats() for c in children
-                     if isinstance(c, Publisher) and c is not core.reporter)
+                     if isinstance(c, BasePublisher) and c is not core.reporter)
         broker = core.broker
         b = broker.stats() if broker is not None and not self.closed else None
         return BusStats(
@@ -813,7 +814,7 @@ def _is_async(callback: Callback) -> bool:
 
 
 def _closing(core: _Core) -> bool:
-    return core.state is not _State.OPEN
+    return core.state is not _BusState.OPEN
 
 
 async def _run_async_callback(sub: AsyncSubscriber[Any], callback: Callback, core: _Core) -> None:

@@ -43,9 +43,9 @@ _NOBLOCK_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
 class PublisherOwner(Protocol):
     """What a publisher needs of the bus that made it."""
 
-    def _forget(self, child: Publisher) -> None: ...
+    def _forget(self, child: BasePublisher) -> None: ...
     def _socket_closed(self) -> None: ...
-    def _batch_started(self, publisher: Publisher, due: float) -> None: ...
+    def _batch_started(self, publisher: BasePublisher, due: float) -> None: ...
 
 
 class PublisherStats(msgspec.Struct, frozen=True):
@@ -60,8 +60,10 @@ class PublisherStats(msgspec.Struct, frozen=True):
     shm_twins: int = 0
 
 
-class Publisher:
-    """Publishes to the bus. Thread-safe; ``publish`` never blocks.
+class BasePublisher:
+    """What both shells share: lanes, the outbox, sending, stats, loans, close. The shells
+    differ only in the spelling of ``publish``/``clear_retained`` and of ``with``: the send
+    itself never blocks, so the async one is the same call, awaitable.
 
     Each publishing thread gets a *lane* of its own: a socket and an outbox, so that threads
     never hand a lock to one another (under the GIL, that hand-off costs more than the
@@ -75,7 +77,7 @@ class Publisher:
 
     def __init__(self, sock: zmq.Socket[bytes], outbox: Outbox, *,
                  owner: PublisherOwner | None = None, linger: float = LINGER,
-                 lanes: Callable[[], Publisher] | None = None) -> None:
+                 lanes: Callable[[], BasePublisher] | None = None) -> None:
         self._sock = sock
         self._outbox = outbox
         self._owner = owner
@@ -93,8 +95,8 @@ class Publisher:
         # for a lane itself, and after close) makes another thread's.
         self._local = threading.local()
         self._make_lane = lanes
-        self._lanes: list[Publisher] = []  # made for other threads, closed by close()
-        self._users: list[tuple[threading.Thread, Publisher]] = []  # which thread has which
+        self._lanes: list[BasePublisher] = []  # made for other threads, closed by close()
+        self._users: list[tuple[threading.Thread, BasePublisher]] = []  # which thread has which
         self._lanes_lock = threading.Lock()
         self._lanes_making = 0  # handshakes under way for new lanes (they count to the bound)
 
@@ -114,7 +116,7 @@ class Publisher:
     def closed(self) -> bool:
         return self._closed or self._close_requested or self._dead
 
-    def publish(self, topic: str, data: Any, *, retain: bool = False) -> None:
+    def _publish(self, topic: str, data: Any, *, retain: bool = False) -> None:
         """Publish ``data`` on ``topic``; with ``retain`` the broker keeps it as the topic's
         last value for subscribers that join later. Raises TopicError or EncodeError before
         anything is sent, Closed after close()."""
@@ -124,7 +126,7 @@ class Publisher:
         except AttributeError:
             lane = self._lane()
         if lane is not self:
-            Publisher.publish(lane, topic, data, retain=retain)
+            BasePublisher._publish(lane, topic, data, retain=retain)
             return
         prefix = self._prefixes.get(topic)
         if prefix is None:
@@ -145,23 +147,23 @@ class Publisher:
         finally:
             lock.release()
 
-    def clear_retained(self, topic: str) -> None:
+    def _clear_retained(self, topic: str) -> None:
         """Forget the retained value of ``topic`` at the broker."""
         lane = self._lane()
         prefix = lane._prefixes.get(topic) or lane._learn(topic)
         lane._run(lambda: lane._outbox.clear_retained(prefix))
 
     # -- lanes ----------------------------------------------------------------------------
-    def _lane(self) -> Publisher:
+    def _lane(self) -> BasePublisher:
         """The calling thread's lane (this publisher itself for the first thread)."""
         local = self._local
         try:
-            lane: Publisher = local.lane
+            lane: BasePublisher = local.lane
         except AttributeError:
             lane = local.lane = self if self._make_lane is None else self._new_thread()
         return lane
 
-    def _new_thread(self) -> Publisher:
+    def _new_thread(self) -> BasePublisher:
         # A thread's first publish: a free lane (this publisher's own socket first), a new
         # one, or past MAX_LANES the least shared one. A thread keeps its lane while it runs,
         # so its messages keep their order.
@@ -391,27 +393,37 @@ class Publisher:
         for lane in list(self._lanes):
             lane._mark_dead()
 
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        return f"<{type(self).__name__} {self.id} {state}>"
+
+
+class Publisher(BasePublisher):
+    """Publishes to the bus: ``publish``, ``with``, ``close``. Thread-safe; ``publish`` never
+    blocks; each publishing thread goes through a lane of its own (see BasePublisher)."""
+
+    # The shared implementations themselves, not wrappers: a call more per message costs
+    # more than a tenth of a publish.
+    publish = BasePublisher._publish
+    clear_retained = BasePublisher._clear_retained
+
     def __enter__(self) -> Publisher:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def __repr__(self) -> str:
-        state = "closed" if self.closed else "open"
-        return f"<{type(self).__name__} {self.id} {state}>"
 
-
-class AsyncPublisher(Publisher):
+class AsyncPublisher(BasePublisher):
     """The asyncio twin of Publisher: ``await publish(...)``. Sends never block the loop."""
 
-    async def publish(self, topic: str, data: Any, *, retain: bool = False) -> None:  # type: ignore[override]
+    async def publish(self, topic: str, data: Any, *, retain: bool = False) -> None:
         """Publish ``data`` on ``topic`` (see Publisher.publish); never blocks the loop."""
-        Publisher.publish(self, topic, data, retain=retain)
+        self._publish(topic, data, retain=retain)
 
-    async def clear_retained(self, topic: str) -> None:  # type: ignore[override]
+    async def clear_retained(self, topic: str) -> None:
         """Forget the retained value of ``topic`` at the broker."""
-        Publisher.clear_retained(self, topic)
+        self._clear_retained(topic)
 
     async def __aenter__(self) -> AsyncPublisher:
         return self

@@ -72,13 +72,13 @@ class SubscriberStats(msgspec.Struct, frozen=True):
     evicted: int = 0
 
 
-class _State(enum.Enum):
+class _ReceiverState(enum.Enum):
     OPEN = "open"  # receiving
     CLOSING = "closing"  # close() was called while a receiver was inside; it will close
     CLOSED = "closed"  # the socket and the waker are closed
 
 
-_OPEN = _State.OPEN  # the fast paths' test, without an attribute lookup
+_OPEN = _ReceiverState.OPEN  # the fast paths' test, without an attribute lookup
 # Plain ints: pyzmq's enums cost a Python-level Flag.__and__ (about a microsecond) a use.
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
@@ -123,7 +123,7 @@ class BaseSubscriber(Generic[T]):
         self._next_report = 0.0
         self._callback_errors = 0
         self._lock = threading.RLock()  # re-entrant: close() may run in a signal handler
-        self._state = _State.OPEN
+        self._state = _ReceiverState.OPEN
         self._receiver: int | None = None  # ident of the thread inside recv()
         self._closed_event = threading.Event()
         self._waker = Waker()
@@ -141,12 +141,12 @@ class BaseSubscriber(Generic[T]):
 
     @property
     def closed(self) -> bool:
-        return self._state is not _State.OPEN
+        return self._state is not _ReceiverState.OPEN
 
     # -- receiving (the part the shells share) ----------------------------------------------
     def _claim(self) -> None:
         with self._lock:
-            if self._state is not _State.OPEN:
+            if self._state is not _ReceiverState.OPEN:
                 raise Closed(f"subscriber {self._pattern.text!r} is closed")
             if self._receiver is not None:
                 raise RuntimeError(
@@ -158,7 +158,7 @@ class BaseSubscriber(Generic[T]):
     def _release(self) -> None:
         with self._lock:
             self._receiver = None
-            if self._state is _State.CLOSING:
+            if self._state is _ReceiverState.CLOSING:
                 self._finish_close()
 
     def _next_queued(self) -> Message[T] | None:
@@ -166,7 +166,7 @@ class BaseSubscriber(Generic[T]):
         holds the claim, so it alone is inside the socket."""
         messages = self._messages
         while True:
-            if self._state is not _State.OPEN:
+            if self._state is not _ReceiverState.OPEN:
                 raise Closed(f"subscriber {self._pattern.text!r} was closed")
             if messages:
                 return messages.popleft()
@@ -234,13 +234,13 @@ class BaseSubscriber(Generic[T]):
         Returns within ``timeout``; a receiver that has not let go by then closes the
         socket itself as soon as it runs again."""
         with self._lock:
-            if self._state is _State.CLOSED:
+            if self._state is _ReceiverState.CLOSED:
                 return
-            if self._state is _State.OPEN:
+            if self._state is _ReceiverState.OPEN:
                 if self._receiver is None:
                     self._finish_close()
                     return
-                self._state = _State.CLOSING
+                self._state = _ReceiverState.CLOSING
                 self._waker.wake()
             if self._receiver == threading.get_ident():
                 self._close_from_receiver_thread()
@@ -254,9 +254,9 @@ class BaseSubscriber(Generic[T]):
 
     def _finish_close(self) -> None:
         # Caller holds self._lock, and no receiver is inside the socket.
-        if self._state is _State.CLOSED:
+        if self._state is _ReceiverState.CLOSED:
             return
-        self._state = _State.CLOSED
+        self._state = _ReceiverState.CLOSED
         self._sock.close(0)
         self._waker.close()
         if self._inbox.shm is not None:  # shm: its pools' connections (views keep theirs)
@@ -271,7 +271,7 @@ class BaseSubscriber(Generic[T]):
 
     def _mark_dead(self) -> None:
         """After fork, in the child: every call raises Closed and nothing is touched."""
-        self._state = _State.CLOSED
+        self._state = _ReceiverState.CLOSED
         self._closed_event.set()
 
     def stats(self) -> SubscriberStats:
@@ -402,7 +402,7 @@ class AsyncSubscriber(BaseSubscriber[T]):
         timer = loop.call_later(remaining, wake) if remaining is not None else None
         try:
             # ZeroMQ's FD is edge-triggered: look at EVENTS after arming, or miss a message.
-            if self._state is _State.OPEN and not (
+            if self._state is _ReceiverState.OPEN and not (
                 int(self._sock.getsockopt(_EVENTS)) & _POLLIN
             ):
                 await woken

@@ -70,6 +70,15 @@ def test_async_subscriber_is_a_sibling_not_a_broken_subclass() -> None:
         assert not hasattr(vbus.Subscriber, async_only), async_only
 
 
+def test_async_publisher_is_a_sibling_whose_publish_is_awaited() -> None:
+    """An AsyncPublisher is no Publisher: code that takes a Publisher (``vbus.psygnal.forward``
+    given a publisher) would call its publish() and drop the coroutine unawaited."""
+    assert vbus.Publisher.__mro__[1] is vbus.AsyncPublisher.__mro__[1]
+    assert not issubclass(vbus.AsyncPublisher, vbus.Publisher)
+    assert not hasattr(vbus.AsyncPublisher, "__enter__")
+    assert not hasattr(vbus.Publisher, "__aenter__")
+
+
 def test_subscriber_and_message_are_generic_in_the_payload_type() -> None:
     """``subscribe(p, type=State)`` reaches the checker as ``Subscriber[State]`` (checked by
     mypy in test_typing.py); at run time the aliases exist and build the same classes."""
