@@ -258,6 +258,7 @@ class _Core:
             batch_delay=self.batch_delay if batch_delay is None else batch_delay,
             chunk=self.chunk,
             inflight_limit=self.max_queue_bytes or DEFAULT_MAX_QUEUE_BYTES,
+            chunk_window=effective_hwm(self.hwm, self.max_queue_bytes),  # the socket's hwm
         )
         if self.shm_pool_bytes != 0 and self.chunk and _shm.AVAILABLE:  # shm: on first use
             assert self.endpoints is not None

@@ -279,6 +279,9 @@ class BasePublisher:
                     if send.tracked:
                         tracker = sock.send(frames[-1], _NOBLOCK, copy=False, track=True)
                         outbox.track(tracker, send.tracked)
+                    elif send.window:
+                        tracker = sock.send(frames[-1], _NOBLOCK, copy=False, track=True)
+                        outbox.track_chunks(tracker, send.window)
                     else:
                         sock.send(frames[-1], _NOBLOCK, copy=False)
             except zmq.Again:
@@ -432,6 +435,7 @@ class AsyncPublisher(BasePublisher):
         self.close()
 
 
-def new_outbox(*, batch_delay: float, chunk: bool, inflight_limit: int) -> Outbox:
+def new_outbox(*, batch_delay: float, chunk: bool, inflight_limit: int,
+               chunk_window: int = 0) -> Outbox:
     return Outbox(secrets.token_bytes(_wire.SENDER_SIZE), batch_delay=batch_delay,
-                  chunk=chunk, inflight_limit=inflight_limit)
+                  chunk=chunk, inflight_limit=inflight_limit, chunk_window=chunk_window)

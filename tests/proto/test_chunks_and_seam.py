@@ -152,6 +152,61 @@ def test_the_inflight_budget_drops_and_counts_past_the_limit() -> None:
     assert any(s.tracked for s in sends) and out.dropped == 2
 
 
+def chunk_sends(sends: Sequence[Send]) -> list[Send]:
+    return [s for s in sends if len(s.frames) == 2]
+
+
+def test_a_chunked_message_goes_whole_or_not_at_all() -> None:
+    # A queue (window) of 150 chunks and messages of 100 (plus a short tail piece): the
+    # second one does not fit beside the first, so none of its chunks may go (they did: a
+    # full queue took the first pieces of each message and the receiver threw them away).
+    out = Outbox(SENDER, chunk=True, chunk_window=150)
+    frame = np.zeros(100 * CHUNK_SIZE + 10, "u1")
+    first = chunk_sends(out.publish("cam", topic_prefix("cam"), frame, now=T0))
+    assert len(first) == 101 and out.dropped == 0
+    (windowed,) = [s for s in first if s.window]
+    assert windowed is first[-2] and windowed.window == 101  # the last full piece
+    assert memoryview(windowed.frames[1]).nbytes == CHUNK_SIZE  # zero-copy: trackable
+    held = Held()
+    out.track_chunks(held, windowed.window)
+    assert out.chunks_held == 101
+    second = chunk_sends(out.publish("cam", topic_prefix("cam"), frame, now=T0 + 1))
+    assert second == [] and out.dropped == 1  # counted, its seq spent: the gap shows it
+    held.done = True  # ZeroMQ has let go of the first message's chunks
+    third = chunk_sends(out.publish("cam", topic_prefix("cam"), frame, now=T0 + 2))
+    assert len(third) == 101 and out.dropped == 1 and out.chunks_held == 0
+    box = inbox()
+    feed_sends(box, first + third)
+    assert [m.seq for m in box.messages] == [1, 3]
+
+
+def test_a_message_larger_than_the_window_may_go_alone() -> None:
+    out = Outbox(SENDER, chunk=True, chunk_window=4)
+    sends = chunk_sends(out.publish("cam", topic_prefix("cam"), np.zeros(8 * CHUNK_SIZE, "u1"),
+                                    now=T0))
+    assert len(sends) == 8 and out.dropped == 0  # nothing else in flight: it may try
+    out.track_chunks(Held(), 8)
+    again = chunk_sends(out.publish("cam", topic_prefix("cam"), np.zeros(8 * CHUNK_SIZE, "u1"),
+                                    now=T0 + 1))
+    assert again == [] and out.dropped == 1
+
+
+def test_a_twin_that_does_not_fit_the_window_is_not_sent_in_part() -> None:
+    class Placer:
+        def place(self, topic: str, data: Any) -> tuple[bytes, _wire.Payload]:
+            return b"descriptor", _wire.encode_payload(data, _wire.new_encoder())
+
+    out = Outbox(SENDER, chunk=True, chunk_window=10)
+    out.shm = Placer()
+    frame = np.zeros(8 * CHUNK_SIZE, "u1")
+    first = out.publish("cam", topic_prefix("cam"), frame, now=T0)
+    assert len(chunk_sends(first)) == 8
+    out.track_chunks(Held(), 8)
+    second = out.publish("cam", topic_prefix("cam"), frame, now=T0 + 1)
+    assert chunk_sends(second) == [] and out.dropped == 0  # the descriptor went
+    assert [s for s in second if not s.frames[0].startswith(_control.REPORT)]
+
+
 def test_byte_limits_turn_into_message_counts() -> None:
     per = CHUNK_SIZE + MESSAGE_OVERHEAD
     assert effective_hwm(None, None) == min(1000, DEFAULT_MAX_QUEUE_BYTES // (4 * per))
