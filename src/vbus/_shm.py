@@ -67,6 +67,9 @@ GOT_BATCH = 16
 CONNECT_TIMEOUT = 1.0
 """How long a subscriber waits for a pool's welcome or a claim's answer."""
 _UCRED = struct.Struct("3i")
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
+_NOBLOCK = int(zmq.NOBLOCK)
 
 
 class Lost(Exception):
@@ -482,10 +485,11 @@ class TwinWatcher:
         """Whether some subscriber takes ``topic`` as bytes (as last heard)."""
         sock = self._sock
         try:
-            while int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:  # poll() costs ten times more
-                first = sock.recv(zmq.NOBLOCK)
+            # Plain ints: pyzmq's enums make ``&`` a Python call (enum.Flag), every publish.
+            while int(sock.getsockopt(_EVENTS)) & _POLLIN:  # poll() costs ten times more
+                first = sock.recv(_NOBLOCK)
                 while sock.rcvmore:
-                    sock.recv(zmq.NOBLOCK)
+                    sock.recv(_NOBLOCK)
                 self._take(first)
         except zmq.ZMQError:
             pass
