@@ -180,6 +180,28 @@ def test_a_chunked_message_goes_whole_or_not_at_all() -> None:
     assert [m.seq for m in box.messages] == [1, 3]
 
 
+def test_a_full_chunk_is_sent_zero_copy_so_its_tracker_means_something() -> None:
+    # pyzmq copies a frame below COPY_THRESHOLD and hands back a tracker that is done at
+    # once: the window would then never see a chunk held.
+    import zmq
+
+    ctx = zmq.Context()
+    try:
+        push, pull = ctx.socket(zmq.PUSH), ctx.socket(zmq.PULL)
+        pull.bind("inproc://window-tracker")
+        push.connect("inproc://window-tracker")
+        piece = bytearray(CHUNK_SIZE)
+        tracker = push.send(piece, copy=False, track=True)
+        assert tracker is not zmq._FINISHED_TRACKER and not tracker.done  # held in the queue
+        pull.recv()
+        tracker.wait(5)
+        assert tracker.done
+        push.close(0)
+        pull.close(0)
+    finally:
+        ctx.term()
+
+
 def test_a_message_larger_than_the_window_may_go_alone() -> None:
     out = Outbox(SENDER, chunk=True, chunk_window=4)
     sends = chunk_sends(out.publish("cam", topic_prefix("cam"), np.zeros(8 * CHUNK_SIZE, "u1"),
