@@ -253,7 +253,7 @@ INTERRUPTED = textwrap.dedent("""
 
         def announce():  # once start() runs: a SIGINT before the try would not be caught
             while not d._started:
-                time.sleep(0.001)
+                time.sleep(0.001)  # sleep-ok: a state flag (start() entered), no message
             print("ready", flush=True)
 
         threading.Thread(target=announce, daemon=True).start()

@@ -253,7 +253,7 @@ while time.monotonic() < end:
     done, status = os.waitpid(pid, os.WNOHANG)
     if done:
         break
-    time.sleep(0.01)
+    time.sleep(0.01)  # sleep-ok: a child's exit, polled with WNOHANG under a deadline
 else:
     os.kill(pid, 9)
     os.waitpid(pid, 0)

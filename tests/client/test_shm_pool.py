@@ -38,7 +38,7 @@ def wait_until(condition, timeout: float = 10.0) -> bool:  # type: ignore[no-unt
     while not condition():
         if time.monotonic() > deadline:
             return False
-        time.sleep(0.01)
+        time.sleep(0.01)  # sleep-ok: the pool thread's reaction to a death has no event
     return True
 
 
