@@ -112,16 +112,21 @@ def test_no_duplicate_and_no_gap_at_the_seam(any_bus: vbus.Bus) -> None:
     pub = any_bus.publisher()
     total = 5_000  # the seam is what matters, not a flood (see test_delivery for those)
     joined = threading.Event()
+    kept = threading.Event()
 
     def stream() -> None:
         for i in range(1, total + 1):
             pub.publish("seam/t", i, retain=True)
+            if i == 1:  # the seam needs a kept value: a subscriber joining before gets it live
+                _stored(any_bus, "seam/t")
+                kept.set()
             if i == 100:
                 joined.wait(10.0)  # let some subscribers join before the stream goes on
 
     writer = threading.Thread(target=stream)
     writer.start()
     try:
+        assert kept.wait(30.0)
         subs = [any_bus.subscribe("seam/t", hwm=1_000_000)]
         joined.set()
         subs += [any_bus.subscribe("seam/t", hwm=1_000_000) for _ in range(9)]
