@@ -14,6 +14,7 @@ counted, logged once per burst and retried with a backoff: the thread never dies
 
 from __future__ import annotations
 
+import functools
 import logging
 import secrets
 import socket
@@ -147,7 +148,7 @@ class BrokerService:
             into.subscribe(_control.REPORT)
             into.subscribe(_proto_requests.REQUEST)
             into.connect(self._subscribe_endpoint)
-            self._confirm_own_subscription(out, into)
+            self._take_early(*self._confirm_own_subscription(out, into), out, into)
             self._ask_forwarder_stats(control)
             poller = zmq.Poller()
             for sock in (out, into, control, *monitors):
@@ -171,21 +172,54 @@ class BrokerService:
         if self._zap is not None:
             self._zap.close(0)
 
-    def _confirm_own_subscription(self, out: zmq.Socket[bytes], into: zmq.Socket[bytes]) -> None:
-        # Our SUB is a subscriber like any other: wait until the forwarder applies it, or a
-        # retained value published right after the bus starts could pass us by.
+    def _confirm_own_subscription(self, out: zmq.Socket[bytes],
+                                  into: zmq.Socket[bytes]
+                                  ) -> tuple[list[bytes], list[tuple[bytes, list[bytes]]]]:
+        """Our SUB is a subscriber like any other: wait until the forwarder applies it, or a
+        retained value published right after the bus starts could pass us by. Returns the
+        other subscription events and the data messages read meanwhile, for the caller to
+        take: the network ports are bound before this thread starts, so a peer that was
+        reconnecting (its broker restarted) may already have subscribed (ZeroMQ sends its
+        subscriptions only that once) or published."""
         token = _control.READY + secrets.token_hex(8).encode()
+        own = _SUBSCRIBE + token + b"\0"
         into.subscribe(token + b"\0")
+        early: list[bytes] = []
+        data: list[tuple[bytes, list[bytes]]] = []
         deadline = time.monotonic() + 10.0
         while time.monotonic() < deadline:
-            if out.poll(100) and out.recv() == _SUBSCRIBE + token + b"\0":
-                out.send(_control.control_frame(token, self._sender))
-                break
+            if out.poll(100):
+                event = out.recv()
+                if event == own:
+                    out.send(_control.control_frame(token, self._sender))
+                    break
+                early.append(event)
         while time.monotonic() < deadline:
-            if into.poll(100) and into.recv().startswith(token):
-                into.unsubscribe(token + b"\0")
-                return
+            if into.poll(100):
+                first, *rest = into.recv_multipart()
+                if first.startswith(token):
+                    into.unsubscribe(token + b"\0")
+                    return early, data
+                data.append((first, rest))
         raise TimeoutError("the broker's service could not subscribe to its own forwarder")
+
+    def _take_early(self, events: list[bytes], data: list[tuple[bytes, list[bytes]]],
+                    out: zmq.Socket[bytes], into: zmq.Socket[bytes]) -> None:
+        """Take what came while we confirmed our own subscription: retained values before
+        the confirmations that replay them, servers' markers before the requests routed
+        to them."""
+        def is_request(message: tuple[bytes, list[bytes]]) -> bool:
+            return message[0].startswith(_proto_requests.REQUEST)
+
+        takes = [functools.partial(self._take_data, *m) for m in data if not is_request(m)]
+        takes += [functools.partial(self._take_subscription, e, out, into) for e in events]
+        takes += [functools.partial(self._take_data, *m) for m in data if is_request(m)]
+        for take in takes:
+            try:
+                take()
+            except Exception as exc:  # whatever a peer sent, the broker starts
+                self._failures.event(1, f"{exc!r}", exc_info=exc)
+        _broker_requests.flush(self.requests, out)
 
     def _serve(self, poller: zmq.Poller, out: zmq.Socket[bytes], into: zmq.Socket[bytes],
                control: zmq.Socket[bytes], monitors: list[zmq.Socket[bytes]]) -> None:
@@ -258,13 +292,16 @@ class BrokerService:
                     rest.append(into.recv(zmq.NOBLOCK))
             except zmq.Again:
                 return False
-            if first.startswith(_control.RETAIN):
-                self.retained.take(first, rest)
-            elif first.startswith(_control.REPORT):
-                self._take_report(first)
-            elif first.startswith(_proto_requests.REQUEST):
-                self.requests.request(first, rest)
+            self._take_data(first, rest)
         return True
+
+    def _take_data(self, first: bytes, rest: list[bytes]) -> None:
+        if first.startswith(_control.RETAIN):
+            self.retained.take(first, rest)
+        elif first.startswith(_control.REPORT):
+            self._take_report(first)
+        elif first.startswith(_proto_requests.REQUEST):
+            self.requests.request(first, rest)
 
     def _take_report(self, first: bytes) -> None:
         try:
@@ -321,43 +358,47 @@ class BrokerService:
                 event = out.recv(zmq.NOBLOCK)
             except zmq.Again:
                 return False
-            change, body = event[:1], event[1:]
-            if change == _SUBSCRIBE:
-                self._subscriptions += 1
-            elif change == _UNSUBSCRIBE:
-                self._subscriptions = max(self._subscriptions - 1, 0)
-            else:
-                continue  # a subscriber's stray message: nothing for us
-            if self.requests.subscription(change == _SUBSCRIBE, body):
-                continue
-            twins = self.twins.subscription(change == _SUBSCRIBE, body)  # shm: who takes bytes
-            if twins is not None:
-                for frame in twins:
-                    out.send(frame, zmq.NOBLOCK)
-                continue
-            if body.startswith(_control.READY) and body.endswith(b"\0"):
-                token = body[len(_control.READY) : -1]
-                if not 0 < len(token) <= MAX_TOKEN or not token.isascii():
-                    self.peers["bad_tokens"] += 1
-                elif change == _SUBSCRIBE:
-                    self.subscribers.add(token)  # before the reply: counted once confirmed
-                    self._confirm(out, into, token)
-                else:
-                    self.subscribers.discard(token)
-            elif body.startswith(_control.WANT):
-                want = _control.parse_want(body)
-                if want is None:
-                    continue
-                if change == _SUBSCRIBE:
-                    try:
-                        self._wants[want[0]] = compile_pattern(want[1])
-                    except TopicError:
-                        continue
-                    if len(self._wants) > MAX_PENDING_WANTS:  # requests nobody confirmed
-                        self._wants.pop(next(iter(self._wants)))
-                else:
-                    self._wants.pop(want[0], None)
+            self._take_subscription(event, out, into)
         return True
+
+    def _take_subscription(self, event: bytes, out: zmq.Socket[bytes],
+                           into: zmq.Socket[bytes]) -> None:
+        change, body = event[:1], event[1:]
+        if change == _SUBSCRIBE:
+            self._subscriptions += 1
+        elif change == _UNSUBSCRIBE:
+            self._subscriptions = max(self._subscriptions - 1, 0)
+        else:
+            return  # a subscriber's stray message: nothing for us
+        if self.requests.subscription(change == _SUBSCRIBE, body):
+            return
+        twins = self.twins.subscription(change == _SUBSCRIBE, body)  # shm: who takes bytes
+        if twins is not None:
+            for frame in twins:
+                out.send(frame, zmq.NOBLOCK)
+            return
+        if body.startswith(_control.READY) and body.endswith(b"\0"):
+            token = body[len(_control.READY) : -1]
+            if not 0 < len(token) <= MAX_TOKEN or not token.isascii():
+                self.peers["bad_tokens"] += 1
+            elif change == _SUBSCRIBE:
+                self.subscribers.add(token)  # before the reply: counted once confirmed
+                self._confirm(out, into, token)
+            else:
+                self.subscribers.discard(token)
+        elif body.startswith(_control.WANT):
+            want = _control.parse_want(body)
+            if want is None:
+                return
+            if change == _SUBSCRIBE:
+                try:
+                    self._wants[want[0]] = compile_pattern(want[1])
+                except TopicError:
+                    return
+                if len(self._wants) > MAX_PENDING_WANTS:  # requests nobody confirmed
+                    self._wants.pop(next(iter(self._wants)))
+            else:
+                self._wants.pop(want[0], None)
 
     def _confirm(self, out: zmq.Socket[bytes], into: zmq.Socket[bytes], token: bytes) -> None:
         ready = _control.READY + token
