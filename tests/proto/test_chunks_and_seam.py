@@ -6,11 +6,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import msgspec
 import numpy as np
 import pytest
 
+from vbus._proto import chunk as _chunk
 from vbus._proto import control as _control
 from vbus._proto import wire as _wire
+from vbus._proto.chunk import UNINITIALIZED_FROM
 from vbus._proto.inbox import SEAM_WINDOW, Inbox
 from vbus._proto.limits import (
     CHUNK_SIZE,
@@ -128,6 +131,37 @@ def test_hostile_chunks_never_raise(meta: bytes) -> None:
     box.feed(topic_prefix("cam") + header + meta, [memoryview(b"x" * 10)])
     box.feed(single("cam", 2, 1), [])
     assert [m.seq for m in box.messages] == [2]
+
+
+def test_large_buffers_reassembled_without_zero_filling_come_back_exact() -> None:
+    # Buffers of UNINITIALIZED_FROM bytes and more are not zero-filled (numpy.empty):
+    # every byte must still be the sender's, in each buffer of a many-buffer payload.
+    rng = np.random.default_rng(7)
+    big = rng.integers(0, 255, UNINITIALIZED_FROM + 12345, dtype=np.uint8)
+    wide = rng.random((512, 300))  # 1.2 MB of float64: a second large buffer
+    small = np.arange(70_000, dtype="u1")
+    out = Outbox(SENDER, chunk=True)
+    sends = out.publish("cam", topic_prefix("cam"), {"big": big, "wide": wide, "s": small},
+                        now=T0)
+    box = inbox()
+    feed_sends(box, [s for s in sends if not s.frames[0].startswith(_control.REPORT)])
+    (msg,) = box.messages
+    assert (msg.data["big"] == big).all() and (msg.data["wide"] == wide).all()
+    assert (msg.data["s"] == small).all() and not msg.data["big"].flags.writeable
+
+
+def test_a_large_buffer_left_part_empty_is_never_delivered() -> None:
+    # A hostile sender announces a 2-chunk message of one UNINITIALIZED_FROM-byte buffer and
+    # sends two small pieces: the unwritten (uninitialized) rest must never reach anyone.
+    header = _wire.HEADER.pack(_wire.VERSION, _wire.FLAG_EXTERNAL, _wire.KIND_CHUNK, SENDER,
+                               1, T0)
+    encode = msgspec.msgpack.encode
+    first = encode((0, 2, _wire.KIND_BYTES, b"", [UNINITIALIZED_FROM]))
+    box = inbox()
+    box.feed(topic_prefix("cam") + header + first, [memoryview(b"x" * 1000)])
+    box.feed(topic_prefix("cam") + header + encode((1, 2)), [memoryview(b"y" * 1000)])
+    box.feed(single("cam", 2, 1), [])
+    assert [m.seq for m in box.messages] == [2] and box.errors == 1
 
 
 # -- the zero-copy budget ----------
@@ -297,3 +331,29 @@ def test_sender_churn_keeps_an_inbox_bounded() -> None:
     for i in range(5000):
         box.feed(single("a", 1, i, sender=i.to_bytes(8, "big")), [])
     assert box.streams == 100 and box.evicted == 4900 and box.received == 5000
+
+
+@pytest.mark.parametrize("sizes", [[0], [1], [CHUNK_SIZE], [CHUNK_SIZE + 1], [3 * CHUNK_SIZE],
+                                   [10, 0, 5 * CHUNK_SIZE - 1, CHUNK_SIZE]])
+def test_the_chunk_count_is_the_number_of_pieces(sizes: list[int]) -> None:
+    bufs = [memoryview(bytearray(n)) for n in sizes]
+    shaped = np.zeros((3, CHUNK_SIZE // 2 + 1), "u2").data  # cast to bytes first
+    for views in (bufs, [*bufs, shaped]):
+        for size in (CHUNK_SIZE, 1000):
+            assert _chunk.count(views, size) == len(_chunk.pieces(views, size))
+
+
+def test_a_message_the_window_refuses_builds_no_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    # In a flood, most 16 MiB frames are refused by the window: building their 256 chunk
+    # headers first (as before) took CPU from the broker on the same cores.
+    out = Outbox(SENDER, chunk=True, chunk_window=10)
+    frame = np.zeros(8 * CHUNK_SIZE, "u1")
+    out.publish("cam", topic_prefix("cam"), frame, now=T0)
+    out.track_chunks(Held(), 8)
+
+    def refuse(*args: Any) -> Any:
+        raise AssertionError("chunks built for a message the window refused")
+
+    monkeypatch.setattr(_chunk, "chunk_frames", refuse)
+    sends = out.publish("cam", topic_prefix("cam"), frame, now=T0 + 1)
+    assert chunk_sends(sends) == [] and out.dropped == 1

@@ -227,12 +227,11 @@ class Outbox:
         self._count_bytes(topic, size)
         large = sum(b.nbytes for b in externals)
         if self.chunk and large > self.chunk_size:
-            pieces = list(_chunk.chunk_frames(prefix, 0, self.sender, seq, now, payload,
-                                              externals, self.chunk_size))
-            if not self._window_for(len(pieces)):
+            if not self._window_for(_chunk.count(externals, self.chunk_size)):
                 self.dropped += 1  # whole: the seq is spent, subscribers see the gap
                 return
-            self._chunk_sends(sends, pieces, 1)
+            self._chunk_sends(sends, list(_chunk.chunk_frames(
+                prefix, 0, self.sender, seq, now, payload, externals, self.chunk_size)), 1)
             return
         frame, _ = _wire.build_frames(prefix, 0, self.sender, seq, now, payload)
         tracked = large if self.inflight_limit and large >= _wire.EXTERNAL_THRESHOLD else 0
@@ -256,10 +255,10 @@ class Outbox:
         twin_prefix = _control.TWIN + prefix
         externals = _externals(twin.external)
         if self.chunk and nbytes > self.chunk_size:
-            pieces = list(_chunk.chunk_frames(twin_prefix, 0, self.sender, seq, now, twin,
-                                              externals, self.chunk_size))
-            if self._window_for(len(pieces)):  # else the twin's takers see the gap
-                self._chunk_sends(sends, pieces, 0)
+            if self._window_for(_chunk.count(externals, self.chunk_size)):  # else: a gap
+                self._chunk_sends(sends, list(_chunk.chunk_frames(
+                    twin_prefix, 0, self.sender, seq, now, twin, externals,
+                    self.chunk_size)), 0)
             return
         first, _ = _wire.build_frames(twin_prefix, 0, self.sender, seq, now, twin)
         sends.append(Send([first, *externals], count=0))
