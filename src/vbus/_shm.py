@@ -14,8 +14,10 @@ Mechanism (Linux only; elsewhere everything takes the bytes path):
 - Holds (see _proto/shm.py) are taken, acknowledged and released over that socket. The
   subscriber's views are read-only numpy arrays over its read-only mapping, released when
   garbage-collected (a weak reference with a callback on the array that owns the view's
-  memory: every slice or reshape of it keeps that array alive). A subscriber that dies
-  closes its socket, and the pool releases its holds.
+  memory: every slice or reshape of it keeps that array alive), and said to the pool in
+  batches (``_Link.release``: one packet, one wake-up of the pool's thread, for several
+  frames; a block may stay held a little longer than its view, never less). A subscriber
+  that dies closes its socket, and the pool releases its holds.
 
 Threads: one per pool (``vbus-shm-<name>``), joined at close. Nothing blocks without a
 deadline; the pool thread never blocks in a send (a subscriber that cannot take a packet

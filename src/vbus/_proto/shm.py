@@ -228,7 +228,14 @@ class Ledger:
         c = self._clients.get(client)
         if c is None:
             return False
-        if serial in c.held or serial in c.pending:
+        if serial in c.held:
+            return True
+        if serial in c.pending:
+            # Allocated before the subscriber registered, published after: held for it, and
+            # its claim is its acknowledgement (else the next frame's would take it for one
+            # dropped on the way, and release it under the subscriber's view).
+            c.pending.remove(serial)
+            c.held.add(serial)
             return True
         block = self.live.get(serial) or self.retired.get(serial)
         if block is None or c.held_bytes + block.length > self.client_budget:
