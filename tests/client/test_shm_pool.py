@@ -134,8 +134,8 @@ def _link(res: _shm.Resolver) -> _shm._Link:
     return link
 
 
-def test_releases_go_in_batches_and_a_held_view_stays_held(leakcheck: object,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_releases_go_in_batches_and_a_held_view_stays_held(
+        leakcheck: object, monkeypatch: pytest.MonkeyPatch) -> None:
     # One packet (one wake-up of the pool's thread) for RELEASE_BATCH views, not one a view.
     monkeypatch.setattr(_shm, "RELEASE_DELAY", 3600.0)  # the count alone decides here
     pool = _shm.Pool(16 * 1024 * 1024)  # 1/16 of it is 1 MiB: 64 KiB frames are batched
