@@ -9,7 +9,7 @@ import pytest
 import zmq
 
 import vbus
-from tests._support import until_marker_gets_through
+from tests._support import flood_read_as_it_goes, until_marker_gets_through
 from vbus._proto import wire as _wire
 from vbus._proto.topics import topic_prefix
 
@@ -144,10 +144,7 @@ def _slow_subscriber_loses_alone(bus: vbus.Bus) -> None:
     slow = bus.subscribe("flood", hwm=10)
     pub = bus.publisher()
     n = 20_000
-    for i in range(n):
-        pub.publish("flood", i)
-    got_fast = [fast.recv(timeout=2.0).data for _ in range(n)]
-    assert got_fast == list(range(n))
+    assert flood_read_as_it_goes(pub, fast, "flood", n) == list(range(n))
     kept, markers = until_marker_gets_through(pub, slow, "flood")
     stats = slow.stats()
     assert stats.received == len(kept) + 1 < n

@@ -16,6 +16,9 @@ import pytest
 import vbus
 from tests._support import LeakCheck
 
+NEVER = 3600.0
+"""A request timeout no test waits for (pytest-timeout ends a test long before)."""
+
 
 def run_async(fn: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
     """An async test, run in a fresh event loop of its own (a loop that is not the bus's)."""
@@ -97,20 +100,20 @@ def test_no_responder_comes_at_once(any_bus: vbus.Bus) -> None:
     for _ in range(50):
         started = time.perf_counter()
         with pytest.raises(vbus.NoResponder, match="'nobody/home'"):
-            bus.request("nobody/home", 1, timeout=10.0)
+            # Far beyond the test's own timeout: a NoResponder that waited for it would fail
+            # the test, whatever the machine's load (no wall-clock bound asserted here).
+            bus.request("nobody/home", 1, timeout=NEVER)
         took.append(time.perf_counter() - started)
     p50, worst = statistics.median(took), max(took)
     print(f"\nNoResponder: p50 {p50 * 1e3:.2f} ms, max {worst * 1e3:.2f} ms")
-    assert p50 < 0.005 and worst < 0.1  # not after the 10 s timeout
     assert bus.stats().requests.no_responder == 50
+    assert bus.stats().requests.timed_out == 0
 
 
 @run_async
 async def test_async_no_responder_comes_at_once(bus: vbus.Bus) -> None:
-    started = time.perf_counter()
     with pytest.raises(vbus.NoResponder):
-        await bus.async_request("nobody/home", 1, timeout=10.0)
-    assert time.perf_counter() - started < 1.0
+        await bus.async_request("nobody/home", 1, timeout=NEVER)  # see the sync test
 
 
 def test_remote_error_names_the_handlers_exception(any_bus: vbus.Bus) -> None:
