@@ -73,8 +73,8 @@ RELEASE_DELAY = 0.002
 """A release waits at most this long (s) for others to share its packet, as seen at the next
 release or frame; with none to come (the stream stopped), at the subscriber's close."""
 RELEASE_SHARE = 16
-"""And the releases kept free at most 1/RELEASE_SHARE of the pool (of the subscriber's budget,
-half the pool: a small pool, or large frames, sends each release at once)."""
+"""Releases kept on a subscriber's side free at most 1/RELEASE_SHARE of the pool (an eighth of
+its budget, half the pool): with a small pool, or large frames, each release goes at once."""
 CONNECT_TIMEOUT = 1.0
 """How long a subscriber waits for a pool's welcome or a claim's answer."""
 _UCRED = struct.Struct("3i")
@@ -701,7 +701,7 @@ class _Link:
         if entry is not None:
             self.release(entry[1], entry[2])
 
-    def release(self, serial: int, nbytes: int = 0) -> None:
+    def release(self, serial: int, nbytes: int) -> None:
         """A view's end: any thread, any moment. Queued, and sent (with the frames received
         meanwhile) once RELEASE_BATCH are queued, or they free 1/RELEASE_SHARE of the pool,
         or the oldest has waited RELEASE_DELAY (seen at this release or the next frame), or
