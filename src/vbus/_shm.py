@@ -14,8 +14,10 @@ Mechanism (Linux only; elsewhere everything takes the bytes path):
 - Holds (see _proto/shm.py) are taken, acknowledged and released over that socket. The
   subscriber's views are read-only numpy arrays over its read-only mapping, released when
   garbage-collected (a weak reference with a callback on the array that owns the view's
-  memory: every slice or reshape of it keeps that array alive). A subscriber that dies
-  closes its socket, and the pool releases its holds.
+  memory: every slice or reshape of it keeps that array alive), and said to the pool in
+  batches (``_Link.release``: one packet, one wake-up of the pool's thread, for several
+  frames; a block may stay held a little longer than its view, never less). A subscriber
+  that dies closes its socket, and the pool releases its holds.
 
 Threads: one per pool (``vbus-shm-<name>``), joined at close. Nothing blocks without a
 deadline; the pool thread never blocks in a send (a subscriber that cannot take a packet
@@ -38,6 +40,7 @@ import threading
 import weakref
 from collections import deque
 from collections.abc import Callable
+from time import monotonic
 from typing import Any
 
 import zmq
@@ -64,6 +67,14 @@ MAX_LINKS = 64
 """Pools one subscriber keeps connected at most (one per publisher it hears)."""
 GOT_BATCH = 16
 """Frames a subscriber receives, at most, before it says so without waiting for a release."""
+RELEASE_BATCH = 8
+"""Views' releases a subscriber keeps, at most, before it sends them in one packet."""
+RELEASE_DELAY = 0.002
+"""A release waits at most this long (s) for others to share its packet, as seen at the next
+release or frame; with none to come (the stream stopped), at the subscriber's close."""
+RELEASE_SHARE = 16
+"""Releases kept on a subscriber's side free at most 1/RELEASE_SHARE of the pool (an eighth of
+its budget, half the pool): with a small pool, or large frames, each release goes at once."""
 CONNECT_TIMEOUT = 1.0
 """How long a subscriber waits for a pool's welcome or a claim's answer."""
 _UCRED = struct.Struct("3i")
@@ -118,6 +129,9 @@ class Pool:
         self._returned: deque[int] = deque()  # loans given back by their finalizers
         self._loans: dict[int, Any] = {}  # serial -> the loan's block, until published/given back
         self._conns: dict[int, socket.socket] = {}
+        # The same connections, for the publisher's own look at them (``_drain``): a poll
+        # object kept up to date costs a tenth of a select() over the list, every frame.
+        self._polled = select.poll()
         self.twins = twins  # which topics have subscribers that take bytes (None: nobody)
         self.sent = 0
         self.exhausted = 0
@@ -240,6 +254,7 @@ class Pool:
         nbytes = count * dtype.itemsize
         if dtype.hasobject or nbytes < proto.SHM_THRESHOLD or self._closed:
             return None
+        self._drain()
         with self._lock:
             self._give_back()
             block = self.ledger.allocate(nbytes)
@@ -263,20 +278,24 @@ class Pool:
         # The releases subscribers sent, taken here before allocating rather than left for
         # the pool thread alone: on a busy machine that thread may not have run since, and
         # every block it has not yet seen given back pushes the copy into colder memory.
-        conns = list(self._conns.values())
-        if not conns or not self._reading.acquire(blocking=False):
+        if not self._conns or not self._reading.acquire(blocking=False):
             return  # nobody to hear, or the pool thread is reading: it takes them
         try:
-            self._drain_locked(conns)
+            self._drain_locked()
         finally:
             self._reading.release()
 
-    def _drain_locked(self, conns: list[socket.socket]) -> None:
+    def _drain_locked(self) -> None:
+        # Under _reading: the pool thread drops (unregisters and closes) a connection only
+        # under it too, so every fd the poll names is a live connection's.
         try:
-            ready, _, _ = select.select(conns, [], [], 0)
-        except (OSError, ValueError):
-            return  # one was closed by the pool thread meanwhile: it does the rest
-        for conn in ready:
+            ready = self._polled.poll(0)
+        except OSError:
+            return
+        for fd, _ in ready:
+            conn = self._conns.get(fd)
+            if conn is None:
+                continue
             for _ in range(64):
                 try:
                     packet = conn.recv(proto.MAX_PACKET, socket.MSG_DONTWAIT)
@@ -327,9 +346,11 @@ class Pool:
                           self.name)
             self._closed = True
         finally:
-            for conn in list(self._conns.values()):
-                conn.close()
-            self._conns.clear()
+            with self._reading, self._lock:  # not under the publisher's look at them
+                for cid, conn in list(self._conns.items()):
+                    self._polled.unregister(cid)
+                    conn.close()
+                self._conns.clear()
             sel.close()
 
     def _accept(self, sel: selectors.BaseSelector) -> None:
@@ -347,7 +368,9 @@ class Pool:
                 conn.close()
                 continue
             conn.setblocking(False)
-            self._conns[conn.fileno()] = conn
+            with self._lock:
+                self._conns[conn.fileno()] = conn
+                self._polled.register(conn.fileno(), select.POLLIN)
             sel.register(conn, selectors.EVENT_READ)
 
     def _take(self, sel: selectors.BaseSelector, conn: socket.socket) -> None:
@@ -380,6 +403,10 @@ class Pool:
         with self._lock:
             self.ledger.drop_client(cid)
             self._conns.pop(cid, None)
+            try:
+                self._polled.unregister(cid)
+            except KeyError:
+                pass
         conn.close()
 
     def _handle(self, conn: socket.socket, cid: int, packet: bytes) -> None:
@@ -606,7 +633,10 @@ class _Link:
         self.closing = False
         self._released: deque[int] = deque()
         self._got: deque[int] = deque()  # received, not yet said
-        self._watched: dict[int, tuple[weakref.ref[Any], int]] = {}  # views -> serials
+        self._since = 0.0  # when the oldest release not yet said was queued (0: none)
+        self._pending_bytes = 0  # what the releases not yet said free
+        self._share = max(size // RELEASE_SHARE, 1)
+        self._watched: dict[int, tuple[weakref.ref[Any], int, int]] = {}  # views -> serials
         self._send_lock = threading.Lock()
 
     def poll(self) -> None:
@@ -652,27 +682,42 @@ class _Link:
                 return False
 
     def got(self, serial: int) -> None:
-        # Said with the next release (one packet a frame), or once GOT_BATCH have piled up.
+        # Said with the releases (a packet for several frames), or once GOT_BATCH have piled
+        # up; a frame's arrival also sends releases that have waited RELEASE_DELAY.
         self._got.append(serial)
-        if len(self._got) >= GOT_BATCH:
+        since = self._since
+        if len(self._got) >= GOT_BATCH or (since and monotonic() - since >= RELEASE_DELAY):
             self.send_released()
 
-    def watch(self, owner: Any, serial: int) -> None:
+    def watch(self, owner: Any, serial: int, nbytes: int) -> None:
         # A weak reference with a callback: a tenth of weakref.finalize's cost, which matters
         # thousands of times a second (finalize's registry also feeds the cyclic GC).
         ref = weakref.ref(owner, self._gone)
-        self._watched[id(ref)] = (ref, serial)  # by id: a ref hashes as its array (unhashable)
+        # By id: a ref hashes as its array (unhashable).
+        self._watched[id(ref)] = (ref, serial, nbytes)
 
     def _gone(self, ref: weakref.ref[Any]) -> None:
         entry = self._watched.pop(id(ref), None)
         if entry is not None:
-            self.release(entry[1])
+            self.release(entry[1], entry[2])
 
-    def release(self, serial: int) -> None:
-        # A view's end: any thread, any moment. Queue, then send if nobody else is sending.
+    def release(self, serial: int, nbytes: int) -> None:
+        """A view's end: any thread, any moment. Queued, and sent (with the frames received
+        meanwhile) once RELEASE_BATCH are queued, or they free 1/RELEASE_SHARE of the pool,
+        or the oldest has waited RELEASE_DELAY (seen at this release or the next frame), or
+        the subscriber is closed: one packet, and one wake-up of the pool's thread, for
+        several frames. Until it is sent the block stays held for us (never overwritten:
+        a late release only keeps memory a little longer, within our budget)."""
         self._released.append(serial)
+        self._pending_bytes += nbytes
         self.views -= 1
-        self.send_released()
+        now = monotonic()
+        since = self._since
+        if not since:
+            self._since = since = now
+        if (self.closing or len(self._released) >= RELEASE_BATCH
+                or self._pending_bytes >= self._share or now - since >= RELEASE_DELAY):
+            self.send_released()
         if self.closing and self.views <= 0:
             self._close_now()
 
@@ -680,6 +725,8 @@ class _Link:
         if not self._send_lock.acquire(blocking=False):
             return  # the holder sends what we queued after its own send
         try:
+            self._since = 0.0  # before taking them: one queued meanwhile restarts the clock
+            self._pending_bytes = 0
             while True:
                 got: list[int] = []
                 while self._got and len(got) < 1000:
@@ -699,8 +746,9 @@ class _Link:
 
     def close(self) -> None:
         """After the subscriber closed: the connection (and our holds) last as long as the
-        views the user still has."""
+        views the user still has; the releases queued are said now."""
         self.closing = True
+        self.send_released()
         if self.views <= 0:
             self._close_now()
 
@@ -827,11 +875,11 @@ class Resolver:
             array = self._array(d, link.mm)
         except DecodeError:
             link.views += 1
-            link.release(d.serial)
+            link.release(d.serial, link.size)  # at once
             raise
         owner = array.base if isinstance(array.base, _numpy().ndarray) else array
         link.views += 1
-        link.watch(owner, d.serial)
+        link.watch(owner, d.serial, d.nbytes)
         self.received += 1
         return array
 

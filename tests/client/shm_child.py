@@ -4,14 +4,18 @@ resolver that keeps views. They talk to the test over stdin/stdout, one line a c
     python shm_child.py publisher   # "frame N" -> prints the descriptor (hex); "stats"; "quit"
     python shm_child.py subscriber  # "take HEX" -> resolves, keeps the view, prints "ok SUM"
     python shm_child.py survivor    # makes a publisher child, kills it, reads its frames
+    python shm_child.py closing_publisher ADDRESS SEED CYCLES   # see test_shm_adversity.py
+    python shm_child.py closing_subscriber ADDRESS SEED CYCLES
 """
 
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -169,9 +173,107 @@ def bus_subscriber_killed() -> None:
     print("survived", flush=True)
 
 
+def stamped(n: int, nbytes: int) -> np.ndarray:
+    return np.full(nbytes // 8, n, dtype=np.int64)
+
+
+def intact(view: np.ndarray) -> bool:
+    return bool(view[0] == view[-1] == view[len(view) // 2])
+
+
+def closing_publisher(address: str, seed: str, cycles: str) -> None:
+    """Bus after bus, a thread floods frames (copies and loans) while the main thread closes
+    the bus with timeout=0 at a random moment: no hang, no crash, publish() then raises
+    Closed and nothing else."""
+    rng = random.Random(int(seed))
+    for cycle in range(int(cycles)):
+        bus = vbus.connect(address, shm_pool_bytes=8 * MIB)
+        pub = bus.publisher()
+        started = threading.Event()
+        after = rng.randint(1, 40)
+        failures: list[BaseException] = []
+
+        def flood(pub: vbus.Publisher = pub, after: int = after,
+                  started: threading.Event = started,
+                  failures: list[BaseException] = failures) -> None:
+            n = 0
+            try:
+                while True:
+                    nbytes = (64 + 64 * (n % 4)) * 1024
+                    if n % 3 == 2:
+                        frame = pub.loan(nbytes // 8, np.int64)
+                        frame[:] = n
+                    else:
+                        frame = stamped(n, nbytes)
+                    pub.publish("cam/x", frame)
+                    n += 1
+                    if n == after:
+                        started.set()
+            except vbus.Closed:
+                pass
+            except BaseException as exc:  # anything else is the failure this test looks for
+                failures.append(exc)
+            finally:
+                started.set()
+
+        thread = threading.Thread(target=flood)
+        thread.start()
+        assert started.wait(30), "the flood never started"
+        bus.close(timeout=0)
+        thread.join(10)
+        assert not thread.is_alive(), f"cycle {cycle}: publish() hung after close(timeout=0)"
+        assert not failures, f"cycle {cycle}: {failures[0]!r}"
+        bus.close(timeout=5)  # the second close waits for what the first left running
+        print("cycle", cycle, flush=True)
+    print("done", flush=True)
+
+
+def closing_subscriber(address: str, seed: str, cycles: str) -> None:
+    """Bus after bus, a thread receives shared-memory frames and keeps a random number of
+    views while the main thread closes the bus with timeout=0: no hang, no crash, the views
+    stay intact after the close."""
+    rng = random.Random(int(seed))
+    for cycle in range(int(cycles)):
+        bus = vbus.connect(address)
+        sub = bus.subscribe("cam/**")
+        keep = rng.randint(1, 12)
+        enough = threading.Event()
+        views: list[np.ndarray] = []
+        failures: list[BaseException] = []
+
+        def receive(sub: vbus.Subscriber = sub, keep: int = keep,
+                    enough: threading.Event = enough, views: list[np.ndarray] = views,
+                    failures: list[BaseException] = failures) -> None:
+            try:
+                for msg in sub:  # ends when the bus is closed
+                    views.append(msg.data)
+                    if len(views) > keep:
+                        del views[0]
+                    if len(views) == keep:
+                        enough.set()
+            except BaseException as exc:
+                failures.append(exc)
+            finally:
+                enough.set()
+
+        thread = threading.Thread(target=receive)
+        thread.start()
+        assert enough.wait(30), "no frames came"
+        bus.close(timeout=0)
+        thread.join(10)
+        assert not thread.is_alive(), f"cycle {cycle}: recv() hung after close(timeout=0)"
+        assert not failures, f"cycle {cycle}: {failures[0]!r}"
+        assert views and all(intact(v) for v in views), f"cycle {cycle}: a view changed"
+        bus.close(timeout=5)
+        del views[:]
+        print("cycle", cycle, flush=True)
+    print("done", flush=True)
+
+
 if __name__ == "__main__":
     roles = {"publisher": publisher, "subscriber": subscriber, "survivor": survivor,
              "bus_pub": bus_pub, "bus_sub": bus_sub,
              "bus_publisher_killed": bus_publisher_killed,
-             "bus_subscriber_killed": bus_subscriber_killed}
+             "bus_subscriber_killed": bus_subscriber_killed,
+             "closing_publisher": closing_publisher, "closing_subscriber": closing_subscriber}
     roles[sys.argv[1]](*sys.argv[2:])  # type: ignore[operator]

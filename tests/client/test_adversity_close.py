@@ -140,13 +140,20 @@ for cycle in range(CYCLES):
     for t in users:
         t.start()
     time.sleep(delay)  # sleep-ok: a random moment of the flood to close at
+    # A close that overruns its slack fails the run: dump every thread's stack at that
+    # moment, so the failure shows where the time went (then the hang watchdog again).
+    faulthandler.dump_traceback_later(timeout + SLACK, exit=False)
     started = time.perf_counter()
     try:
         bus.close(timeout=timeout)
     except BaseException as exc:
         record("first close", exc)
     returned = time.perf_counter()
+    watch(15.0)
     closes[timeout].append(returned - started)
+    if returned - started > timeout + SLACK:
+        print(f"SLOW cycle {cycle}: close(timeout={timeout}) took "
+              f"{returned - started:.3f} s", flush=True)
     hung = False
     join_by = time.monotonic() + 3.0
     for t in users:
@@ -229,7 +236,7 @@ def test_short_close_under_flood_with_every_kind_of_reader(part: int) -> None:
     child = run_child(CYCLE_CODE, timeout=80.0,
                       args=(str(seed), str(CYCLES), str(WAKE), str(SLACK), TIMEOUTS))
     print(f"\nseed {seed}: {child.how()} in {child.elapsed:.1f} s")
-    for prefix in ("SUMMARY", "CLOSE", "WAKE", "THREADSGONE", "EXCEPTION ", "FAIL"):
+    for prefix in ("SUMMARY", "CLOSE", "SLOW", "WAKE", "THREADSGONE", "EXCEPTION ", "FAIL"):
         for v in child.values(prefix):
             print(f"  {prefix} {v}")
     child.check("DONE")

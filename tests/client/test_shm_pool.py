@@ -127,3 +127,109 @@ def test_a_loan_is_published_without_a_copy_and_given_back_when_dropped(leakchec
     finally:
         res.close()
         assert pool.close()
+
+
+def _link(res: _shm.Resolver) -> _shm._Link:
+    (link,) = res._links.values()
+    return link
+
+
+def test_releases_go_in_batches_and_a_held_view_stays_held(
+        leakcheck: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    # One packet (one wake-up of the pool's thread) for RELEASE_BATCH views, not one a view.
+    monkeypatch.setattr(_shm, "RELEASE_DELAY", 3600.0)  # the count alone decides here
+    pool = _shm.Pool(16 * 1024 * 1024)  # 1/16 of it is 1 MiB: 64 KiB frames are batched
+    res = _shm.Resolver(["cam"])
+    try:
+        frame = np.arange(16 * 1024, dtype=np.int32)  # 64 KiB
+        kept = res.resolve(memoryview(pool.place_frame("cam", frame)))  # type: ignore[arg-type]
+        link = _link(res)
+        for n in range(_shm.RELEASE_BATCH - 1):
+            view = res.resolve(memoryview(pool.place_frame("cam", frame + n)))  # type: ignore[arg-type]
+            assert (view == frame + n).all()
+            del view
+        # The releases are queued on our side: none has been said (nothing to wait for).
+        assert len(link._released) == _shm.RELEASE_BATCH - 1
+        view = res.resolve(memoryview(pool.place_frame("cam", frame)))  # type: ignore[arg-type]
+        del view  # the RELEASE_BATCH-th: all of them go, in one packet
+        assert not link._released
+        # At the pool, every block but the one still viewed is given back.
+        assert wait_until(lambda: [b.serial for b in pool.ledger.live.values()] == [1])
+        assert (kept == frame).all()  # held all along, never overwritten
+        assert res.lost == 0
+    finally:
+        del kept
+        res.close()
+        assert pool.close()
+
+
+def test_a_release_waits_no_longer_than_the_next_frame_after_its_delay(
+        leakcheck: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr(_shm, "monotonic", lambda: clock[0])
+    pool = _shm.Pool(16 * 1024 * 1024)
+    res = _shm.Resolver(["cam"])
+    try:
+        frame = np.zeros(64 * 1024, dtype=np.uint8)
+        view = res.resolve(memoryview(pool.place_frame("cam", frame)))  # type: ignore[arg-type]
+        link = _link(res)
+        del view
+        assert len(link._released) == 1  # young: it waits for company
+        clock[0] += _shm.RELEASE_DELAY * 1.5  # then the next frame's arrival sends it
+        view = res.resolve(memoryview(pool.place_frame("cam", frame)))  # type: ignore[arg-type]
+        assert not link._released
+        assert wait_until(lambda: [b.serial for b in pool.ledger.live.values()] == [2])
+        del view
+        assert len(link._released) == 1
+        clock[0] += _shm.RELEASE_DELAY / 2
+        # A release when the oldest queued has waited its delay sends both.
+        other = res.resolve(memoryview(pool.place_frame("cam", frame)))  # type: ignore[arg-type]
+        clock[0] += _shm.RELEASE_DELAY
+        del other
+        assert not link._released
+        assert wait_until(lambda: not pool.ledger.live)
+    finally:
+        res.close()
+        assert pool.close()
+
+
+def test_closing_the_subscriber_says_its_queued_releases(leakcheck: object,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_shm, "RELEASE_DELAY", 3600.0)
+    pool = _shm.Pool(16 * 1024 * 1024)
+    res = _shm.Resolver(["cam"])
+    try:
+        frame = np.ones(64 * 1024, dtype=np.uint8)
+        kept = res.resolve(memoryview(pool.place_frame("cam", frame)))  # type: ignore[arg-type]
+        gone = res.resolve(memoryview(pool.place_frame("cam", frame)))  # type: ignore[arg-type]
+        link = _link(res)
+        del gone
+        assert len(link._released) == 1
+        res.close()  # the connection lasts while `kept` lives; the queued release goes now
+        assert not link._released
+        assert wait_until(lambda: [b.serial for b in pool.ledger.live.values()] == [1])
+        assert (kept == 1).all()
+        del kept  # the last view: the connection closes, the pool drops the client
+        assert wait_until(lambda: not pool.ledger.live and not pool.ledger.clients)
+    finally:
+        res.close()
+        assert pool.close()
+
+
+def test_large_frames_are_released_at_once(leakcheck: object,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    # A release freeing 1/RELEASE_SHARE of the pool or more is not kept: a small pool (or
+    # large frames) must not wait for memory the subscriber no longer uses.
+    monkeypatch.setattr(_shm, "RELEASE_DELAY", 3600.0)
+    pool = _shm.Pool(4 * 1024 * 1024)
+    res = _shm.Resolver(["cam"])
+    try:
+        view = res.resolve(memoryview(pool.place_frame(  # type: ignore[arg-type]
+            "cam", np.zeros(256 * 1024, dtype=np.uint8))))
+        link = _link(res)
+        del view
+        assert not link._released
+        assert wait_until(lambda: not pool.ledger.live)
+    finally:
+        res.close()
+        assert pool.close()

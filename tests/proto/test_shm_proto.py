@@ -181,3 +181,29 @@ def test_a_subscriber_takes_each_publisher_by_descriptor_or_by_twin_never_both()
     remote_style = _shm.Resolver(["cam/**"], twins=True)
     assert remote_style.skip(b"p" * 8, memoryview(remote))  # another host: by twin
     assert remote_style.twin(env) is not None
+
+
+def test_a_claim_of_a_block_held_for_its_claimer_is_its_acknowledgement() -> None:
+    # A block allocated before a subscriber registered (its serial below the subscriber's
+    # first) but published after is held for it (pending), and the subscriber claims it (it
+    # cannot know). That claim must count as the acknowledgement: else the acknowledgement
+    # of the next frame takes the block for one dropped on the way, and releases it under
+    # the subscriber's view (found by test_shm_adversity.py).
+    ledger = proto.Ledger(64 * MIB)
+    early = ledger.allocate(MIB)  # being filled...
+    assert early is not None
+    first = ledger.add_client(1, everything)  # ...when the subscriber registers
+    assert early.serial < first
+    ledger.publish(early, "cam")  # held for it all the same
+    assert ledger.claim(1, early.serial)
+    later = ledger.allocate(MIB)
+    assert later is not None
+    ledger.publish(later, "cam")
+    ledger.got(1, later.serial)
+    assert 1 in early.holders and early.serial in ledger.live  # still held: a view uses it
+    for _ in range(proto.QUARANTINE + 2):
+        b = ledger.allocate(MIB)
+        assert b is not None and b.offset != early.offset
+        ledger.publish(b, "other")
+    ledger.release(1, [early.serial])
+    assert early.serial not in ledger.live

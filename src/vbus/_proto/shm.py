@@ -118,8 +118,11 @@ class Ledger:
         self.next_serial = 1
         self.live: dict[int, Block] = {}  # held or pinned: never overwritten
         self.retired: dict[int, Block] = {}  # in quarantine: nobody holds them, claimable
-        self._starts: list[int] = []  # offsets of live blocks, sorted
-        self._by_start: dict[int, Block] = {}  # blocks occupying memory: live, quarantined
+        # The blocks occupying memory (live, quarantined): their offsets, sorted, and their
+        # ends in the same order (blocks never overlap), for first fit without a lookup.
+        self._starts: list[int] = []
+        self._ends: list[int] = []
+        self._by_start: dict[int, Block] = {}
         self._quarantine: deque[Block] = deque()
         self._clients: dict[int, _Client] = {}
         self._route: dict[str, tuple[int, ...]] = {}  # topic -> matching clients (a cache)
@@ -150,32 +153,33 @@ class Ledger:
     def allocate(self, nbytes: int) -> Block | None:
         """A pinned block of ``nbytes``, or None when no room is free (counted)."""
         length = aligned(max(nbytes, 1))
-        offset = self._fit(length, 0)
+        offset = self._fit(length)
         while offset is None and self._quarantine:
             self._free(self._quarantine.popleft())  # room runs out: quarantine ends
-            offset = self._fit(length, 0)
+            offset = self._fit(length)
         if offset is None:
             self.exhausted += 1
             return None
         block = Block(self.next_serial, offset, length, nbytes)
         self.next_serial += 1
         self.live[block.serial] = block
-        bisect.insort(self._starts, offset)
-        self._by_start[offset] = block
+        self._occupy(block)
         return block
 
-    def _fit(self, length: int, lo: int) -> int | None:
-        pos = lo
-        starts = self._starts
-        for i in range(bisect.bisect_left(starts, lo) - 1 if lo else 0, len(starts)):
-            if i < 0:
-                continue
-            b = self._by_start[starts[i]]
-            if b.end <= pos:
-                continue
-            if b.offset - pos >= length:
+    def _occupy(self, block: Block) -> None:
+        i = bisect.bisect_left(self._starts, block.offset)
+        self._starts.insert(i, block.offset)
+        self._ends.insert(i, block.end)
+        self._by_start[block.offset] = block
+
+    def _fit(self, length: int) -> int | None:
+        # The lowest gap that holds ``length``: a plain walk over two lists of ints (every
+        # frame, over the few dozen blocks that occupy memory).
+        pos = 0
+        for start, end in zip(self._starts, self._ends, strict=True):
+            if start - pos >= length:
                 return pos
-            pos = max(pos, b.end)
+            pos = end
         return pos if self.size - pos >= length else None
 
     # -- publishing -------------------------------------------------------------------------
@@ -224,7 +228,14 @@ class Ledger:
         c = self._clients.get(client)
         if c is None:
             return False
-        if serial in c.held or serial in c.pending:
+        if serial in c.held:
+            return True
+        if serial in c.pending:
+            # Allocated before the subscriber registered, published after: held for it, and
+            # its claim is its acknowledgement (else the next frame's would take it for one
+            # dropped on the way, and release it under the subscriber's view).
+            c.pending.remove(serial)
+            c.held.add(serial)
             return True
         block = self.live.get(serial) or self.retired.get(serial)
         if block is None or c.held_bytes + block.length > self.client_budget:
@@ -235,8 +246,7 @@ class Ledger:
             if self._by_start.get(block.offset) is block:  # still in quarantine
                 self._quarantine.remove(block)
             else:
-                bisect.insort(self._starts, block.offset)
-                self._by_start[block.offset] = block
+                self._occupy(block)
         block.holders.add(client)
         c.held.add(serial)
         c.held_bytes += block.length
@@ -281,6 +291,7 @@ class Ledger:
         self.retired.pop(block.serial, None)  # its memory may be reused: no longer claimable
         i = bisect.bisect_left(self._starts, block.offset)
         del self._starts[i]
+        del self._ends[i]
         del self._by_start[block.offset]
 
     @property
