@@ -1,4 +1,5 @@
-"""Subscriptions that reach a broker before its service thread is ready are taken, not lost.
+"""What reaches a broker before its service thread is ready is taken, not lost: subscriptions
+and the connections of peers that were reconnecting.
 
 A broker binds its ports before its service thread starts, so peers that were reconnecting
 (their broker was restarted at the same address) subscribe at once, and ZeroMQ sends their
@@ -86,3 +87,37 @@ def test_subscriptions_made_before_the_service_starts_are_taken(
                 replier.close(0)
         finally:
             peer.close(0)
+
+
+def test_a_connection_made_before_the_service_starts_is_watched(
+        leakcheck: LeakCheck, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The connection caps and the subscription-bytes cut know a connection by ZeroMQ's
+    monitor event; the event of one accepted before anybody listened to the monitor was
+    dropped, so a peer that reconnected at once to a restarted broker escaped both."""
+    handed: dict[str, Any] = {}
+    real_run = _service.BrokerService.run
+
+    def run_after_an_early_connection(self: _service.BrokerService, started: Any) -> None:
+        port = next(iter(self._connections._subscriber_ports))
+        early = self._context.socket(zmq.SUB)
+        early.linger = 0
+        handed["early"] = early
+        events = early.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        try:
+            early.connect(f"tcp://127.0.0.1:{port}")
+            handed["accepted"] = events.poll(5000) == zmq.POLLIN  # so the broker accepted it
+        finally:
+            early.disable_monitor()
+            events.close(0)
+        real_run(self, started)
+
+    monkeypatch.setattr(_service.BrokerService, "run", run_after_an_early_connection)
+    with vbus.Bus(bind="tcp://127.0.0.1:0") as bus:
+        try:
+            assert handed["accepted"], "the early peer never connected"
+            stats = bus.subscribe("$vbus/stats")
+            seen = [stats.recv(timeout=5.0).data["connections"] for _ in range(3)]
+            # Each stats message is a marker: three in a row without it prove it unseen.
+            assert 1 in seen, f"the early connection was never counted: {seen}"
+        finally:
+            handed["early"].close(0)

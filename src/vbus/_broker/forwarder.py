@@ -103,30 +103,36 @@ class Broker:
                 zap.close(0)
                 raise AddressError(f"cannot serve authentication: {exc.strerror}") from None
 
-        started: Started[list[Endpoints]] = Started()
+        started: Started[tuple[list[Endpoints], list[zmq.Socket[bytes]]]] = Started()
         self._proxy = threading.Thread(
             target=self._run_proxy, args=(wanted, started), name=f"vbus-broker-{self.id}"
         )
         self._proxy.start()
         try:
-            self.endpoints = started.wait(_START_TIMEOUT, "the broker")
+            self.endpoints, watchers = started.wait(_START_TIMEOUT, "the broker")
         except BaseException:
             if zap is not None:
                 zap.close(0)
             raise
 
-        monitors = [self._monitor(side) for side in ("publish", "subscribe")] if wanted else []
-        self.service = BrokerService(
-            context, self.id, self.inproc.publish, self.inproc.subscribe, self._control,
-            monitors, zap, security.authorizer if security is not None else None, self._hwm,
-            [int(ep.subscribe.rsplit(":", 1)[1]) for ep in self.endpoints
-             if ep.subscribe.startswith("tcp://")],
-        )
-        service_started: Started[None] = Started()
-        self._service = threading.Thread(
-            target=self.service.run, args=(service_started,), name=f"vbus-broker-{self.id}-svc"
-        )
-        self._service.start()
+        try:
+            self.service = BrokerService(
+                context, self.id, self.inproc.publish, self.inproc.subscribe, self._control,
+                watchers, zap, security.authorizer if security is not None else None,
+                self._hwm, [int(ep.subscribe.rsplit(":", 1)[1]) for ep in self.endpoints
+                            if ep.subscribe.startswith("tcp://")],
+            )
+            service_started: Started[None] = Started()
+            self._service = threading.Thread(
+                target=self.service.run, args=(service_started,),
+                name=f"vbus-broker-{self.id}-svc"
+            )
+            self._service.start()  # from here on the watchers and zap are that thread's
+        except BaseException:
+            for sock in (*watchers, *([zap] if zap is not None else [])):
+                sock.close(0)
+            self.stop(Deadline(_START_TIMEOUT))
+            raise
         try:
             service_started.wait(_START_TIMEOUT, "the broker's service thread")
         except BaseException:
@@ -134,12 +140,14 @@ class Broker:
             raise
 
     # -- forwarder thread -------------------------------------------------------------------
-    def _run_proxy(self, wanted: list[Endpoints], started: Started[list[Endpoints]]) -> None:
+    def _run_proxy(self, wanted: list[Endpoints],
+                   started: Started[tuple[list[Endpoints], list[zmq.Socket[bytes]]]]) -> None:
         block_signals()
         ctx = self._context
         front, back, control = ctx.socket(zmq.XSUB), ctx.socket(zmq.XPUB), ctx.socket(zmq.REP)
         mine = [front, back, control]
         gate: list[zmq.Socket[bytes]] = []
+        watchers: list[zmq.Socket[bytes]] = []
         try:
             for sock in mine:
                 sock.linger = 0
@@ -154,9 +162,12 @@ class Broker:
             control.bind(self._control)
             if wanted:
                 gate = self._make_gate()
+                # Watched before the ports are bound: a peer that was reconnecting (its broker
+                # restarted) connects at once, and an event with nobody at the monitor's other
+                # end is dropped, so its connection would escape the caps. The watchers are
+                # the service's once its thread starts.
+                watchers = self._watch([(gate[0], "publish"), (back, "subscribe")])
                 bound = [_bind_pair(gate[0], back, ep) for ep in wanted]
-                gate[0].monitor(self._monitor("publish"), MONITORED_EVENTS)
-                back.monitor(self._monitor("subscribe"), MONITORED_EVENTS)
                 front.connect(self._gate_endpoint)
             else:
                 bound = []
@@ -166,11 +177,11 @@ class Broker:
                                               name=f"vbus-broker-{self.id}-gate")
                 self._gate.start()  # from here on the gate's sockets are that thread's
         except BaseException as exc:
-            for sock in (*mine, *gate):
+            for sock in (*mine, *gate, *watchers):
                 sock.close(0)
             started.fail(exc)
             return
-        started.ok(bound)
+        started.ok((bound, watchers))
         self._forward(front, back, control, "forwarder", mine)
 
     def _make_gate(self) -> list[zmq.Socket[bytes]]:
@@ -216,8 +227,23 @@ class Broker:
             for sock in mine:
                 sock.close(0)
 
-    def _monitor(self, side: str) -> str:
-        return f"inproc://vbus-{self.id}.monitor-{side}"
+    def _watch(self, watched: list[tuple[zmq.Socket[bytes], str]]) -> list[zmq.Socket[bytes]]:
+        """A connected PAIR on each socket's monitor (events: MONITORED_EVENTS)."""
+        watchers: list[zmq.Socket[bytes]] = []
+        try:
+            for sock, side in watched:
+                endpoint = f"inproc://vbus-{self.id}.monitor-{side}"
+                sock.monitor(endpoint, MONITORED_EVENTS)
+                watcher = self._context.socket(zmq.PAIR)
+                watchers.append(watcher)
+                watcher.linger = 0
+                watcher.rcvhwm = 0  # nor may a connection event be lost
+                watcher.connect(endpoint)
+        except BaseException:
+            for watcher in watchers:
+                watcher.close(0)
+            raise
+        return watchers
 
     def _request(self, command: bytes, timeout: float,
                  endpoint: str | None = None) -> list[bytes] | None:

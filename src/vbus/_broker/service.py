@@ -84,7 +84,7 @@ class BrokerService:
         publish_endpoint: str,
         subscribe_endpoint: str,
         control_endpoint: str,
-        monitors: Sequence[str] = (),
+        monitors: Sequence[zmq.Socket[bytes]] = (),
         zap: zmq.Socket[bytes] | None = None,
         authorizer: Authorizer | None = None,
         queue: int = 1000,
@@ -96,7 +96,7 @@ class BrokerService:
         self._publish_endpoint = publish_endpoint
         self._subscribe_endpoint = subscribe_endpoint
         self._control_endpoint = control_endpoint
-        self._monitor_endpoints = monitors
+        self._monitors = list(monitors)  # PAIRs connected to the monitors, handed to us
         self._zap = zap
         self._authorizer = authorizer
         self._denied: dict[str, None] = {}  # who was denied already: logged once each
@@ -124,7 +124,7 @@ class BrokerService:
         block_signals()
         ctx = self._context
         out, into, control = ctx.socket(zmq.XPUB), ctx.socket(zmq.SUB), ctx.socket(zmq.REQ)
-        monitors = [ctx.socket(zmq.PAIR) for _ in self._monitor_endpoints]
+        monitors = self._monitors
         sockets = [out, into, control, *monitors]
         try:
             for sock in sockets:
@@ -136,9 +136,6 @@ class BrokerService:
             # there would leave a subscriber waiting): what we send is bounded by what we
             # receive (one confirmation a subscription, replays bounded per confirmation).
             out.sndhwm = 0
-            for sock, endpoint in zip(monitors, self._monitor_endpoints, strict=True):
-                sock.rcvhwm = 0  # nor may a connection event be lost
-                sock.connect(endpoint)
             control.setsockopt(zmq.REQ_RELAXED, 1)
             control.setsockopt(zmq.REQ_CORRELATE, 1)
             control.connect(self._control_endpoint)
