@@ -221,6 +221,60 @@ def timed_recording(path: Path, offsets: list[float]) -> None:
 
 
 # -- absence, proven ----------------------------------------------------------------------------
+SHM_DIR = Path("/dev/shm")
+
+
+def dev_shm() -> set[str]:
+    """The names in /dev/shm now (vbus itself never makes one: its pools are memfds)."""
+    try:
+        return {p.name for p in SHM_DIR.iterdir()}
+    except FileNotFoundError:
+        return set()
+
+
+def shm_left_since(before: set[str]) -> set[str]:
+    """Names in /dev/shm that appeared since ``before`` and that no process outside this
+    test's own process tree holds open or mapped: what this test's processes left. Another
+    program on the machine (a Zenoh benchmark, say) may make and hold its own meanwhile."""
+    new = dev_shm() - before
+    if not new:
+        return new
+    mine = _my_tree()
+    foreign: set[str] = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) in mine:
+            continue
+        foreign |= {name for name in new if _holds(proc, SHM_DIR / name)}
+    return new - foreign
+
+
+def _my_tree() -> set[int]:
+    parents: dict[int, int] = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            stat = (proc / "stat").read_text()
+        except (OSError, ValueError):
+            continue
+        if proc.name.isdigit():
+            parents[int(proc.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    mine = {os.getpid()}
+    grew = True
+    while grew:
+        more = {pid for pid, parent in parents.items() if parent in mine} - mine
+        mine |= more
+        grew = bool(more)
+    return mine
+
+
+def _holds(proc: Path, path: Path) -> bool:
+    try:
+        if str(path) in (proc / "maps").read_text():
+            return True
+        return any(os.readlink(fd) == str(path) for fd in (proc / "fd").iterdir())
+    except OSError:
+        return False
+
+
 def flood_read_as_it_goes(pub: Any, fast: Any, topic: str, n: int,
                           step: int = 1000) -> list[Any]:
     """Publish 0..n-1 on ``topic`` in steps, ``fast`` reading each step before the next:

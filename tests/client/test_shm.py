@@ -8,7 +8,6 @@ test_shm_pool.py and the child roles of shm_child.py."""
 from __future__ import annotations
 
 import gc
-import os
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import numpy as np
 import pytest
 
 import vbus
+from tests._support import dev_shm, shm_left_since
 from vbus import _shm
 
 pytestmark = [
@@ -189,9 +189,6 @@ def test_pool_off_on_request(broker: vbus.Bus) -> None:
         assert pub.stats().shm_frames == 0
 
 
-def dev_shm() -> set[str]:
-    return set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
-
 
 @pytest.mark.parametrize("victim", ["publisher", "subscriber"])
 def test_sigkill_of_either_side_leaves_nothing_and_the_survivor_healthy(victim: str) -> None:
@@ -200,7 +197,7 @@ def test_sigkill_of_either_side_leaves_nothing_and_the_survivor_healthy(victim: 
                          text=True, timeout=50)
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.strip().endswith("survived"), out.stdout + out.stderr
-    assert not dev_shm() - before  # nothing new (other programs may remove their own)
+    assert not shm_left_since(before)  # nothing new (other programs may remove their own)
     gc.collect()
 
 

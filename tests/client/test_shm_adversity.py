@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import vbus
+from tests._support import dev_shm, shm_left_since
 from vbus import _shm
 
 pytestmark = [
@@ -30,9 +31,6 @@ CYCLES = 24
 SEEDS = [int(s) for s in os.environ.get("VBUS_SHM_SEEDS", "1,2").split(",")]
 """More seeds: ``VBUS_SHM_SEEDS=1,2,3,4 pytest tests/client/test_shm_adversity.py``."""
 
-
-def dev_shm() -> set[str]:
-    return set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
 
 
 def intact(view: np.ndarray) -> bool:
@@ -99,7 +97,7 @@ def test_close_timeout_0_of_a_publisher_bus_mid_flood(leakcheck: object, seed: i
             assert (msg.data == n).all()
         assert pub.stats().shm_frames == 5
         assert sub.stats().dropped == dropped
-    assert not dev_shm() - before
+    assert not shm_left_since(before)
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -141,4 +139,4 @@ def test_close_timeout_0_of_a_subscriber_bus_mid_flood(leakcheck: object, seed: 
             pub.publish("cam/mine", np.full(96 * 1024, n, dtype=np.int64))
             assert (local.recv(timeout=10).data == n).all()
         assert local.stats().dropped == 0
-    assert not dev_shm() - before
+    assert not shm_left_since(before)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests._support import dev_shm, shm_left_since
 from vbus import _shm
 
 pytestmark = [
@@ -24,12 +25,6 @@ pytestmark = [
 ]
 CHILD = str(Path(__file__).with_name("shm_child.py"))
 
-
-def dev_shm() -> set[str]:
-    try:
-        return set(os.listdir("/dev/shm"))
-    except FileNotFoundError:
-        return set()
 
 
 def wait_until(condition, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
@@ -48,7 +43,7 @@ def test_views_of_a_publisher_killed_with_sigkill_stay_valid() -> None:
                          timeout=30)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().endswith("survived")
-    assert not dev_shm() - before  # nothing new (other programs may remove their own)
+    assert not shm_left_since(before)  # nothing new (other programs may remove their own)
 
 
 def test_sigkill_of_a_subscriber_releases_its_holds(leakcheck: object) -> None:
@@ -76,7 +71,7 @@ def test_sigkill_of_a_subscriber_releases_its_holds(leakcheck: object) -> None:
             if f is not None:
                 f.close()
         assert pool.close()
-    assert not dev_shm() - before  # nothing new (other programs may remove their own)
+    assert not shm_left_since(before)  # nothing new (other programs may remove their own)
 
 
 def test_views_are_identical_read_only_and_never_overwritten(leakcheck: object) -> None:
