@@ -34,11 +34,16 @@ class Flusher:
         self._due: dict[Batching, float] = {}  # publisher -> when its oldest batch is due (wall)
         self._stopped = False
         self.thread: threading.Thread | None = None
+        # Counted for tests and profiles: publishers' requests (``due`` calls, one per batch
+        # opened) and wake-ups of this thread (timeouts and notifications alike).
+        self.requests = 0
+        self.wakeups = 0
 
     def due(self, publisher: Batching, at: float) -> None:
         """A publisher started a batch that is due at ``at`` (wall clock). Called under its
         lock."""
         with self._cond:
+            self.requests += 1
             if self._stopped:
                 return  # the publisher flushes when it closes
             wake = not self._due
@@ -55,11 +60,13 @@ class Flusher:
             with self._cond:
                 while not self._due and not self._stopped:
                     self._cond.wait()  # woken by due() or stop()
+                    self.wakeups += 1
                 if self._stopped:
                     return
                 wait = min(self._due.values()) - time.time()
                 if wait > 0:
                     self._cond.wait(wait)
+                    self.wakeups += 1
                     continue
                 now = time.time()
                 ready = [p for p, at in self._due.items() if at <= now]
