@@ -148,12 +148,9 @@ def _spawn(*args: str) -> subprocess.Popen[str]:
 
 
 def _read(child: subprocess.Popen[str], timeout: float = 60.0) -> dict[str, Any]:
-    assert child.stdout is not None
-    line = child.stdout.readline()
-    if not line:
-        child.wait(timeout)
-        raise RuntimeError(f"a benchmark process ended (exit {child.returncode})")
-    return json.loads(line)  # type: ignore[no-any-return]
+    import bench_shm  # the same line protocol: one JSON object a line
+
+    return bench_shm._read(child, timeout)
 
 
 def raw_run(impl: str, nbytes: int, chunk: int, duration: float) -> dict[str, Any]:
