@@ -14,14 +14,14 @@ counted, logged once per burst and retried with a backoff: the thread never dies
 
 from __future__ import annotations
 
-import functools
 import logging
 import secrets
 import socket
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import msgspec
 import zmq
@@ -205,17 +205,20 @@ class BrokerService:
         """Take what came while we confirmed our own subscription: retained values before
         the confirmations that replay them, servers' markers before the requests routed
         to them."""
-        def is_request(message: tuple[bytes, list[bytes]]) -> bool:
-            return message[0].startswith(_proto_requests.REQUEST)
-
-        takes = [functools.partial(self._take_data, *m) for m in data if not is_request(m)]
-        takes += [functools.partial(self._take_subscription, e, out, into) for e in events]
-        takes += [functools.partial(self._take_data, *m) for m in data if is_request(m)]
-        for take in takes:
+        def take(handle: Callable[..., None], *args: Any) -> None:
             try:
-                take()
+                handle(*args)
             except Exception as exc:  # whatever a peer sent, the broker starts
                 self._failures.event(1, f"{exc!r}", exc_info=exc)
+
+        requests = [m for m in data if m[0].startswith(_proto_requests.REQUEST)]
+        for first, rest in data:
+            if not first.startswith(_proto_requests.REQUEST):
+                take(self._take_data, first, rest)
+        for event in events:
+            take(self._take_subscription, event, out, into)
+        for first, rest in requests:
+            take(self._take_data, first, rest)
         _broker_requests.flush(self.requests, out)
 
     def _serve(self, poller: zmq.Poller, out: zmq.Socket[bytes], into: zmq.Socket[bytes],

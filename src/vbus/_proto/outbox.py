@@ -227,11 +227,8 @@ class Outbox:
         self._count_bytes(topic, size)
         large = sum(b.nbytes for b in externals)
         if self.chunk and large > self.chunk_size:
-            if not self._window_for(_chunk.count(externals, self.chunk_size)):
+            if not self._chunked(sends, prefix, seq, now, payload, externals, 1):
                 self.dropped += 1  # whole: the seq is spent, subscribers see the gap
-                return
-            self._chunk_sends(sends, list(_chunk.chunk_frames(
-                prefix, 0, self.sender, seq, now, payload, externals, self.chunk_size)), 1)
             return
         frame, _ = _wire.build_frames(prefix, 0, self.sender, seq, now, payload)
         tracked = large if self.inflight_limit and large >= _wire.EXTERNAL_THRESHOLD else 0
@@ -255,13 +252,21 @@ class Outbox:
         twin_prefix = _control.TWIN + prefix
         externals = _externals(twin.external)
         if self.chunk and nbytes > self.chunk_size:
-            if self._window_for(_chunk.count(externals, self.chunk_size)):  # else: a gap
-                self._chunk_sends(sends, list(_chunk.chunk_frames(
-                    twin_prefix, 0, self.sender, seq, now, twin, externals,
-                    self.chunk_size)), 0)
+            # Refused by the window: the twin's takers see the gap.
+            self._chunked(sends, twin_prefix, seq, now, twin, externals, 0)
             return
         first, _ = _wire.build_frames(twin_prefix, 0, self.sender, seq, now, twin)
         sends.append(Send([first, *externals], count=0))
+
+    def _chunked(self, sends: list[Send], prefix: bytes, seq: int, now: float,
+                 payload: _wire.Payload, externals: list[memoryview], count: int) -> bool:
+        """The message in chunks, whole or not at all (False: the window refused it; its
+        chunks were never built, which a flood of refused large frames would pay for)."""
+        if not self._window_for(_chunk.count(externals, self.chunk_size)):
+            return False
+        self._chunk_sends(sends, list(_chunk.chunk_frames(
+            prefix, 0, self.sender, seq, now, payload, externals, self.chunk_size)), count)
+        return True
 
     def _chunk_sends(self, sends: list[Send], pieces: list[tuple[bytes, memoryview]],
                      count: int) -> None:
